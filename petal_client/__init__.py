@@ -1,0 +1,1 @@
+"""Petal client: run a model whose blocks live on a swarm of petald servers."""
