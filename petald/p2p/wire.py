@@ -1,0 +1,358 @@
+"""The wire: length-prefixed msgpack frames, tensors, and typed messages validated on receipt.
+
+A frame is a 4-byte big-endian length and a msgpack map with a "type" field. Every message type is a
+dataclass with `to_wire` / `from_wire`; `from_wire` checks types, ranges and sizes and raises
+ProtocolError with a reason, so a bad peer gets an error frame and never an exception in the node."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import struct
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import msgpack
+import numpy as np
+import torch
+
+from petald.errors import PetalError
+
+MAX_FRAME_BYTES = 256 * 2**20
+MAX_TENSOR_DIMS = 4
+MAX_NAME_LENGTH = 256
+WIRE_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+}
+_HEADER = struct.Struct(">I")
+
+
+class ProtocolError(PetalError, ValueError):
+    """A peer sent something the protocol does not allow. `code` is machine-readable, the text is not."""
+
+    def __init__(self, reason: str, code: str = "bad_request"):
+        super().__init__(reason)
+        self.code = code
+
+
+# ---------------------------------------------------------------- tensors
+
+
+def pack_tensor(tensor: torch.Tensor) -> dict[str, Any]:
+    """A tensor as a msgpack-able map; the data is a view, not a copy, where the layout allows."""
+    tensor = tensor.detach().cpu().contiguous()
+    dtype = next((name for name, dt in WIRE_DTYPES.items() if dt == tensor.dtype), None)
+    if dtype is None:
+        raise ProtocolError(f"tensors of dtype {tensor.dtype} cannot go on the wire")
+    raw = tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor  # numpy has no bfloat16
+    return {"dtype": dtype, "shape": list(tensor.shape), "data": memoryview(raw.numpy()).cast("B")}
+
+
+def unpack_tensor(value: Any, what: str, max_bytes: int = MAX_FRAME_BYTES) -> torch.Tensor:
+    """Check and decode a packed tensor; `what` names it in errors."""
+    if not isinstance(value, dict) or set(value) != {"dtype", "shape", "data"}:
+        raise ProtocolError(f"{what} is not a tensor (want a map with dtype, shape, data)")
+    dtype_name, shape, data = value["dtype"], value["shape"], value["data"]
+    if dtype_name not in WIRE_DTYPES:
+        raise ProtocolError(f"{what} has dtype {dtype_name!r}; allowed: {', '.join(WIRE_DTYPES)}", "bad_dtype")
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_TENSOR_DIMS
+        or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**31 for d in shape)
+    ):
+        raise ProtocolError(f"{what} has an invalid shape {shape!r}", "bad_shape")
+    if not isinstance(data, bytes):
+        raise ProtocolError(f"{what} data is not bytes")
+    dtype = WIRE_DTYPES[dtype_name]
+    size = math.prod(shape) * dtype.itemsize
+    if size > max_bytes:
+        raise ProtocolError(f"{what} is {size} bytes, over the limit of {max_bytes}", "too_large")
+    if size != len(data):
+        raise ProtocolError(f"{what} has {len(data)} bytes of data, its shape {shape} needs {size}", "bad_shape")
+    storage = torch.int16 if dtype == torch.bfloat16 else dtype
+    array = np.frombuffer(bytearray(data), dtype=_NUMPY[storage]).reshape(shape)
+    tensor = torch.from_numpy(array)
+    return tensor.view(torch.bfloat16) if dtype == torch.bfloat16 else tensor
+
+
+_NUMPY = {
+    torch.float32: np.float32,
+    torch.float16: np.float16,
+    torch.int16: np.int16,
+    torch.int64: np.int64,
+    torch.int32: np.int32,
+}
+
+
+# ---------------------------------------------------------------- fields
+
+
+def _int(msg: dict, key: str, low: int, high: int) -> int:
+    value = msg.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ProtocolError(f"{key} must be an integer in [{low}, {high}], got {value!r}")
+    return value
+
+
+def _float(msg: dict, key: str) -> float:
+    value = msg.get(key)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ProtocolError(f"{key} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _str(msg: dict, key: str, max_length: int = MAX_NAME_LENGTH, optional: bool = False) -> str | None:
+    value = msg.get(key)
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or not 0 < len(value) <= max_length:
+        raise ProtocolError(f"{key} must be a string of 1 to {max_length} characters, got {value!r:.80}")
+    return value
+
+
+def _str_list(msg: dict, key: str, max_items: int = 64) -> list[str]:
+    value = msg.get(key, [])
+    if not isinstance(value, list) or len(value) > max_items or not all(isinstance(v, str) for v in value):
+        raise ProtocolError(f"{key} must be a list of at most {max_items} strings")
+    return [v for v in value if 0 < len(v) <= MAX_NAME_LENGTH]
+
+
+# ---------------------------------------------------------------- messages
+
+MESSAGE_TYPES: dict[str, type[Message]] = {}
+
+
+@dataclass
+class Message:
+    """Base of every message; `TYPE` is its "type" field on the wire."""
+
+    TYPE: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        MESSAGE_TYPES[cls.TYPE] = cls
+
+    def to_wire(self) -> dict[str, Any]:
+        body = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for key, value in body.items():
+            if isinstance(value, torch.Tensor):
+                body[key] = pack_tensor(value)
+        return {"type": self.TYPE, **body}
+
+    @classmethod
+    def from_wire(cls, msg: dict, limits: Limits) -> Message:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a receiver accepts; a server sets them from its span and its budget."""
+
+    max_tensor_bytes: int = MAX_FRAME_BYTES
+    max_batch_size: int = 256
+    max_length: int = 1 << 20
+
+
+@dataclass
+class OpenSession(Message):
+    """Client -> server: reserve a KV cache for `batch_size` x `max_length` tokens on blocks [start, end)."""
+
+    TYPE: ClassVar[str] = "open"
+    model: str
+    start: int
+    end: int
+    batch_size: int
+    max_length: int
+    session_id: str
+
+    @classmethod
+    def from_wire(cls, msg, limits):
+        return cls(
+            model=_str(msg, "model"),
+            start=_int(msg, "start", 0, 1 << 20),
+            end=_int(msg, "end", 1, 1 << 20),
+            batch_size=_int(msg, "batch_size", 1, limits.max_batch_size),
+            max_length=_int(msg, "max_length", 1, limits.max_length),
+            session_id=_str(msg, "session_id", 64),
+        )
+
+
+@dataclass
+class SessionOpened(Message):
+    """Server -> client: the cache is reserved."""
+
+    TYPE: ClassVar[str] = "opened"
+    session_id: str
+    cache_tokens_left: int
+
+    @classmethod
+    def from_wire(cls, msg, limits):
+        return cls(_str(msg, "session_id", 64), _int(msg, "cache_tokens_left", 0, 1 << 62))
+
+
+@dataclass
+class Step(Message):
+    """Client -> server: new tokens' hidden states [B, T, H] (and their padding mask [B, T], 1 = real)."""
+
+    TYPE: ClassVar[str] = "step"
+    step: int
+    hidden: torch.Tensor
+    attention_mask: torch.Tensor | None = None
+
+    @classmethod
+    def from_wire(cls, msg, limits):
+        hidden = unpack_tensor(msg.get("hidden"), "hidden", limits.max_tensor_bytes)
+        if hidden.ndim != 3 or not hidden.is_floating_point():
+            raise ProtocolError(
+                f"hidden must be a float tensor [batch, tokens, hidden], got {hidden.dtype} {list(hidden.shape)}",
+                "bad_shape",
+            )
+        mask = None
+        if msg.get("attention_mask") is not None:
+            mask = unpack_tensor(msg["attention_mask"], "attention_mask", limits.max_tensor_bytes)
+            if mask.is_floating_point() or list(mask.shape) != list(hidden.shape[:2]):
+                raise ProtocolError(
+                    f"attention_mask must be an integer tensor of shape {list(hidden.shape[:2])}, "
+                    f"got {mask.dtype} {list(mask.shape)}",
+                    "bad_shape",
+                )
+            if not bool(((mask == 0) | (mask == 1)).all()):
+                raise ProtocolError("attention_mask must hold only 0 and 1", "bad_shape")
+        return cls(_int(msg, "step", 0, 1 << 40), hidden, mask)
+
+
+@dataclass
+class StepResult(Message):
+    """Server -> client: the span's output for that step."""
+
+    TYPE: ClassVar[str] = "result"
+    step: int
+    hidden: torch.Tensor
+
+    @classmethod
+    def from_wire(cls, msg, limits):
+        hidden = unpack_tensor(msg.get("hidden"), "hidden", limits.max_tensor_bytes)
+        return cls(_int(msg, "step", 0, 1 << 40), hidden)
+
+
+@dataclass
+class CloseSession(Message):
+    """Client -> server: the session is over; free its cache."""
+
+    TYPE: ClassVar[str] = "close"
+
+    @classmethod
+    def from_wire(cls, msg, limits):
+        return cls()
+
+
+@dataclass
+class ErrorReply(Message):
+    """Either side: the request failed; `code` is machine-readable, `reason` is for people."""
+
+    TYPE: ClassVar[str] = "error"
+    code: str
+    reason: str
+
+    @classmethod
+    def from_wire(cls, msg, limits):
+        return cls(_str(msg, "code", 64), _str(msg, "reason", 4096))
+
+
+@dataclass
+class InfoRequest(Message):
+    """Client -> server: what do you serve, how busy are you? (also a ping)"""
+
+    TYPE: ClassVar[str] = "info?"
+
+    @classmethod
+    def from_wire(cls, msg, limits):
+        return cls()
+
+
+@dataclass
+class ServerInfo(Message):
+    """Server -> client: the answer to InfoRequest."""
+
+    TYPE: ClassVar[str] = "info"
+    model: str
+    start: int
+    end: int
+    state: str
+    throughput: float
+    cache_tokens_left: int
+    quant: str
+    version: str
+    adapters: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_wire(cls, msg, limits):
+        return cls(
+            model=_str(msg, "model"),
+            start=_int(msg, "start", 0, 1 << 20),
+            end=_int(msg, "end", 1, 1 << 20),
+            state=_str(msg, "state", 16),
+            throughput=_float(msg, "throughput"),
+            cache_tokens_left=_int(msg, "cache_tokens_left", 0, 1 << 62),
+            quant=_str(msg, "quant", 16),
+            version=_str(msg, "version", 64),
+            adapters=_str_list(msg, "adapters"),
+        )
+
+
+def decode(payload: dict, limits: Limits = Limits(), expect: tuple[type[Message], ...] = ()) -> Message:
+    """The typed message in a decoded frame; an unknown or unexpected type is a ProtocolError."""
+    kind = payload.get("type") if isinstance(payload, dict) else None
+    cls = MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise ProtocolError(f"unknown message type {kind!r:.40}")
+    if expect and cls not in expect and cls is not ErrorReply:
+        wanted = " or ".join(c.TYPE for c in expect)
+        raise ProtocolError(f"expected a {wanted!r} message here, got {kind!r}", "unexpected")
+    return cls.from_wire(payload, limits)
+
+
+# ---------------------------------------------------------------- frames
+
+
+def encode_frame(message: Message) -> bytes:
+    body = msgpack.packb(message.to_wire(), use_bin_type=True)
+    return _HEADER.pack(len(body)) + body
+
+
+async def write_message(stream, message: Message) -> None:
+    await stream.write(encode_frame(message))
+
+
+async def read_exactly(stream, size: int) -> bytes:
+    """Exactly `size` bytes from a libp2p stream; EOFError if it ends first."""
+    chunks = bytearray()
+    while len(chunks) < size:
+        chunk = await stream.read(size - len(chunks))
+        if not chunk:
+            raise EOFError(f"stream ended after {len(chunks)} of {size} bytes")
+        chunks += chunk
+    return bytes(chunks)
+
+
+async def read_frame(stream, max_bytes: int = MAX_FRAME_BYTES) -> dict:
+    """One decoded frame; ProtocolError for an oversized or undecodable one, EOFError at the end."""
+    (size,) = _HEADER.unpack(await read_exactly(stream, _HEADER.size))
+    if size > max_bytes:
+        raise ProtocolError(f"frame of {size} bytes is over the limit of {max_bytes}", "too_large")
+    body = await read_exactly(stream, size)
+    try:
+        payload = msgpack.unpackb(body, raw=False, strict_map_key=True, max_bin_len=max_bytes)
+    except (ValueError, msgpack.UnpackException, TypeError) as e:
+        raise ProtocolError(f"frame is not valid msgpack: {e}", "bad_frame") from e
+    if not isinstance(payload, dict):
+        raise ProtocolError("frame is not a msgpack map", "bad_frame")
+    return payload
+
+
+async def read_message(stream, limits: Limits = Limits(), expect: tuple[type[Message], ...] = ()) -> Message:
+    return decode(await read_frame(stream, limits.max_tensor_bytes + 65536), limits, expect)

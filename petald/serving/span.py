@@ -1,0 +1,130 @@
+"""A span of transformer blocks from a checkpoint, optionally quantized, run with per-session caches."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+from transformers.cache_utils import DynamicCache
+
+from petald.errors import PetalError, SpanError
+from petald.models.loading import load_span_module
+
+QUANT_TYPES = ("none", "int8", "nf4")
+
+
+@dataclass
+class SpanSession:
+    """The server-side state of one inference session: the KV cache and the padding mask seen so far."""
+
+    cache: DynamicCache
+    attention_mask: torch.Tensor  # [batch, tokens seen], 1 = real token, 0 = padding
+    max_length: int
+    layers: slice  # the local layers this session runs: blocks [start, end) of the model
+
+    @property
+    def batch_size(self) -> int:
+        return self.attention_mask.shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.attention_mask.shape[1]
+
+
+class Span:
+    """Blocks [start, end) of one model, ready to run on hidden states."""
+
+    def __init__(self, module: nn.Module, config: PretrainedConfig, start: int, end: int, quant: str):
+        self.module = module
+        self.config = config
+        self.start = start
+        self.end = end
+        self.quant = quant
+
+    @classmethod
+    def load(cls, model_dir: Path, start: int, end: int, quant: str = "none") -> Span:
+        """Read only blocks [start, end) of `model_dir`; quantize their Linear layers if `quant` says so."""
+        if quant not in QUANT_TYPES:
+            raise PetalError(f"unknown quantization {quant!r}: use one of {', '.join(QUANT_TYPES)}")
+        module, config = load_span_module(model_dir, start, end)
+        if quant != "none":
+            quantize_linears(module, quant)
+        module.requires_grad_(False)
+        return cls(module, config, start, end, quant)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def num_blocks(self) -> int:
+        return self.end - self.start
+
+    def new_session(
+        self, batch_size: int, max_length: int, start: int | None = None, end: int | None = None
+    ) -> SpanSession:
+        """A fresh cache for blocks [start, end) of this span (default: all of it)."""
+        start = self.start if start is None else start
+        end = self.end if end is None else end
+        if not self.start <= start < end <= self.end:
+            raise SpanError(f"blocks {start}:{end} are not inside this span, {self.start}:{self.end}")
+        layers = slice(start - self.start, end - self.start)
+        return SpanSession(self.module.new_cache(), torch.ones(batch_size, 0, dtype=torch.long), max_length, layers)
+
+    def step(
+        self, session: SpanSession, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Run new tokens `hidden` [B, T, H] through the span, extending the session's cache by T tokens.
+
+        `attention_mask` [B, T] marks padding among the new tokens (default: none)."""
+        batch, length, _ = hidden.shape
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, length, dtype=torch.long)
+        full_mask = torch.cat([session.attention_mask, attention_mask.long()], dim=1)
+        with torch.inference_mode():
+            output = self.module(hidden.float(), full_mask, session.cache, session.layers)
+        session.attention_mask = full_mask
+        return output
+
+    def forward(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None, layers: slice = slice(None)
+    ) -> torch.Tensor:
+        """Run a whole sequence through `layers` of the span with no cache (autograd works through it)."""
+        if attention_mask is None:
+            attention_mask = torch.ones(hidden.shape[:2], dtype=torch.long)
+        return self.module(hidden.float(), attention_mask.long(), None, layers)
+
+
+def quantize_linears(module: nn.Module, quant: str) -> None:
+    """Replace every nn.Linear inside `module` by its bitsandbytes int8 or nf4 counterpart, in place."""
+    import bitsandbytes as bnb
+
+    # bitsandbytes logs a line per call on CPU; nothing in it is actionable for a node operator
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is not nn.Linear:
+                continue
+            weight = child.weight.data
+            bias = child.bias
+            if quant == "int8":
+                layer = bnb.nn.Linear8bitLt(
+                    child.in_features,
+                    child.out_features,
+                    bias=bias is not None,
+                    has_fp16_weights=False,
+                    threshold=6.0,
+                )
+                layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+            else:
+                layer = bnb.nn.LinearNF4(
+                    child.in_features, child.out_features, bias=bias is not None, compute_dtype=weight.dtype
+                )
+                layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", blocksize=64)
+            if bias is not None:
+                layer.bias = nn.Parameter(bias.data, requires_grad=False)
+            setattr(parent, name, layer.to(weight.device))

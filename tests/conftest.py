@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny random checkpoints (fast) and the real SmolLM2 model (converted once per machine)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from petald.models.checkpoints import make_tiny_bloom, make_tiny_llama, prepare_builtin
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "real_model: converts and runs the built-in SmolLM2-135M (~40 s cold, ~20 s warm)"
+    )
+
+
+@pytest.fixture(scope="session")
+def petal_test_home() -> Path:
+    """A PETAL_HOME shared across test sessions ($PETAL_TEST_HOME, else ~/.cache/petal-test), so the real
+    model is converted once per machine and the user's own cache is never touched."""
+    return Path(os.environ.get("PETAL_TEST_HOME", "~/.cache/petal-test")).expanduser()
+
+
+@pytest.fixture(scope="session")
+def smollm2(petal_test_home: Path) -> Path:
+    """The converted SmolLM2-135M-Instruct checkpoint directory."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("PETAL_HOME", str(petal_test_home))
+        return prepare_builtin("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_bloom(tmp_path_factory) -> Path:
+    return make_tiny_bloom(tmp_path_factory.mktemp("models") / "tiny-bloom")
+
+
+@pytest.fixture(scope="session", params=["tiny_llama", "tiny_bloom"])
+def tiny_model(request) -> Path:
+    """Each tiny checkpoint in turn."""
+    return request.getfixturevalue(request.param)
