@@ -13,7 +13,7 @@ from transformers import AutoTokenizer, PretrainedConfig
 
 from petal_client.generation import Conversation, generate
 from petal_client.local import LocalBlocks
-from petald.models.checkpoints import resolve_model
+from petald.models.checkpoints import checkpoint_dir, swarm_model_name
 from petald.models.loading import load_client_parts
 
 
@@ -32,11 +32,28 @@ class DistributedModelForCausalLM(nn.Module):
         self._conversation: Conversation | None = None
 
     @classmethod
+    def from_pretrained(
+        cls, model: str, initial_peers: list[str], *, swarm_name: str | None = None
+    ) -> DistributedModelForCausalLM:
+        """Load the client's parts of `model` locally and reach its blocks through the swarm.
+
+        `model` is a built-in name, a local checkpoint directory or a hub id; the swarm knows it as
+        `swarm_name` (default: the built-in or hub name, or a directory's last part)."""
+        from petal_client.sequential import RemoteSequential
+        from petal_client.swarm import Swarm
+
+        model_dir = checkpoint_dir(model)
+        parts, config = load_client_parts(model_dir)
+        name = swarm_name or swarm_model_name(model)
+        blocks = RemoteSequential(Swarm(initial_peers), name, 0, config.num_hidden_layers)
+        return cls(parts, config, _tokenizer(model_dir), blocks, name)
+
+    @classmethod
     def from_local_spans(
         cls, model: str, bounds: list[tuple[int, int]], quant: str = "none"
     ) -> DistributedModelForCausalLM:
         """The split engine in one process: blocks cut into `bounds` spans, run locally."""
-        model_dir = _local_dir(model)
+        model_dir = checkpoint_dir(model)
         parts, config = load_client_parts(model_dir)
         return cls(parts, config, _tokenizer(model_dir), LocalBlocks.load(model_dir, bounds, quant), model)
 
@@ -88,17 +105,6 @@ class DistributedModelForCausalLM(nn.Module):
         """Logits for every position of `input_ids` (no cache)."""
         hidden = self.blocks.forward(self.parts.embed(input_ids), attention_mask)
         return self.parts.logits(hidden)
-
-
-def _local_dir(model: str) -> Path:
-    resolved = resolve_model(model)
-    if isinstance(resolved, str):
-        from huggingface_hub import snapshot_download
-
-        # a hub id: works only where the machine can reach the hub
-        patterns = ["*.json", "*.safetensors", "*.model", "*.txt"]
-        return Path(snapshot_download(resolved, allow_patterns=patterns))
-    return resolved
 
 
 def _tokenizer(model_dir: Path):

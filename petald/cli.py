@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -23,13 +24,105 @@ def main(argv: list[str] | None = None) -> int:
     keygen = commands.add_parser("keygen", help="write a new Ed25519 node identity and print its peer id")
     keygen.add_argument("--out", type=Path, required=True, help="where to write the key (mode 0600, never overwritten)")
 
+    for name, help_text in (("start", "serve a span of blocks"), ("dht", "run a DHT-only node (a bootstrap peer)")):
+        _add_node_options(commands.add_parser(name, help=help_text), serving=name == "start")
+
+    status = commands.add_parser("status", help="show which servers hold which blocks")
+    status.add_argument("--initial-peers", nargs="+", required=True, metavar="MULTIADDR")
+    status.add_argument("--model", help="only this model")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+
     args = parser.parse_args(argv)
+    if args.command in ("start", "dht"):
+        return _run_node(args)
+    if args.command == "status":
+        from petald.status import print_status
+
+        return print_status(args.initial_peers, args.model, args.json)
     if args.command == "model":
         return _model_prepare(parser, args)
     if args.command == "keygen":
         return _keygen(args)
     parser.error(f"unknown command {args.command}")
     return 2
+
+
+NODE_OPTIONS_HELP = {
+    "model": "model: a built-in name (smollm2-135m), a local Hugging Face directory or a hub id",
+    "blocks": "serve blocks A:B (e.g. 10:20)",
+    "num_blocks": "serve N blocks where the swarm is weakest",
+    "host": "address to listen on (default 127.0.0.1)",
+    "port": "TCP port to listen on (default 31330; 0 = any)",
+    "public_host": "address to announce instead of the listening one",
+    "identity": "Ed25519 identity file (created if missing)",
+    "initial_peers": "multiaddrs of swarm peers to join through",
+    "new_swarm": "start a new swarm instead of joining one",
+    "quant": "quantize the span's Linear layers: none, int8 or nf4",
+    "max_cache_tokens": "KV cache budget in tokens (batch x length)",
+    "max_batch_size": "largest batch a session may open",
+    "throughput": "announce this throughput instead of measuring it",
+    "heartbeat": "seconds between re-announcements",
+    "expiry": "seconds an announcement stays valid",
+    "step_timeout": "seconds a session may wait between steps",
+    "session_timeout": "seconds a session may last",
+    "drain_timeout": "seconds open sessions may finish after SIGTERM",
+    "log_format": "text or json",
+    "log_level": "debug, info, warning or error",
+}
+SERVING_ONLY = {
+    "model",
+    "blocks",
+    "num_blocks",
+    "quant",
+    "max_cache_tokens",
+    "max_batch_size",
+    "throughput",
+    "step_timeout",
+    "session_timeout",
+    "drain_timeout",
+}
+
+
+def _add_node_options(parser: argparse.ArgumentParser, serving: bool) -> None:
+    from petald.config import NodeConfig
+
+    parser.add_argument("--config", type=Path, help="TOML config file (flags override it, PETALD_* variables too)")
+    for field in dataclasses.fields(NodeConfig):
+        if field.name in SERVING_ONLY and not serving:
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        if field.type == "bool":
+            parser.add_argument(flag, action="store_true", default=None, help=NODE_OPTIONS_HELP[field.name])
+        elif field.type.startswith("list"):
+            parser.add_argument(flag, nargs="+", metavar="MULTIADDR", help=NODE_OPTIONS_HELP[field.name])
+        else:
+            kind = {"int": int, "float": float}.get(field.type.split(" ")[0], str)
+            parser.add_argument(flag, type=kind, help=NODE_OPTIONS_HELP[field.name])
+
+
+def _run_node(args) -> int:
+    import trio
+
+    from petald.config import ConfigError, load_config
+    from petald.errors import PetalError
+    from petald.node import configure_logging, run_dht_node, run_server
+
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    try:
+        config = load_config(args.config, flags)
+        config.check_serving() if args.command == "start" else config.check_swarm()
+    except ConfigError as e:
+        print(f"petald: {e}", file=sys.stderr)
+        return 2
+    configure_logging(config)
+    try:
+        trio.run(run_server if args.command == "start" else run_dht_node, config)
+    except (PetalError, OSError) as e:
+        print(f"petald: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
 
 
 def _model_prepare(parser: argparse.ArgumentParser, args) -> int:

@@ -1,14 +1,17 @@
-"""Signed swarm records: sign/verify, wire validation, merge and the DHT validator (no network)."""
+"""Signed swarm records: sign/verify, wire validation, merge and the DHT validator (no network I/O)."""
 
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 from typing import Any
 
 import msgpack
 import pytest
+import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.keys import KeyPair
+from libp2p.kad_dht import DHTMode, KadDHT
 
 from petald.p2p import dht
 from petald.p2p.dht import (
@@ -18,6 +21,7 @@ from petald.p2p.dht import (
     PetalRecordValidator,
     ServerEntry,
     ServerState,
+    SwarmDHT,
     block_key,
     decode_block_value,
     decode_model_index,
@@ -30,7 +34,7 @@ from petald.p2p.dht import (
     sign_entry,
     verify_entry,
 )
-from petald.p2p.host import peer_id_of
+from petald.p2p.host import make_host, peer_id_of
 
 NOW = 1_800_000_000.0
 KEY = "/petal/smollm2-135m/3"
@@ -310,3 +314,18 @@ def test_sign_entry_refuses_an_entry_readers_would_reject() -> None:
         sign_entry(KEY, make_entry(key_pair, cache_tokens_left=1.5), key_pair)
     with pytest.raises(InvalidRecord, match="lifetime"):
         sign_entry(KEY, make_entry(key_pair, expires_at=NOW + 7200), key_pair)
+
+
+def test_announce_rejects_a_bad_entry_before_any_network_traffic() -> None:
+    key_pair = create_new_key_pair()
+    swarm = SwarmDHT(KadDHT(make_host(key_pair), DHTMode.SERVER))
+
+    async def announce(entry: ServerEntry, **kwargs: Any) -> None:
+        await swarm.announce("smollm2-135m", entry, key_pair, **{"num_blocks": 30, **kwargs})
+
+    with pytest.raises(InvalidRecord, match="lifetime"):
+        trio.run(partial(announce, make_entry(key_pair), ttl=7200))
+    with pytest.raises(ValueError, match="claims peer"):
+        trio.run(announce, make_entry(create_new_key_pair()))
+    with pytest.raises(ValueError, match="exceeds the model's 8 blocks"):
+        trio.run(partial(announce, make_entry(key_pair), num_blocks=8))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import queue
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -14,6 +16,11 @@ from pathlib import Path
 from typing import IO, Any
 
 import pytest
+import trio
+from libp2p.crypto.ed25519 import create_new_key_pair
+
+from petald.p2p.dht import REQUEST_TIMEOUT_S, BootstrapError, open_swarm_dht
+from petald.p2p.host import open_host, peer_id_of
 
 REPO = Path(__file__).resolve().parents[1]
 NODE_SCRIPT = REPO / "tests" / "dht_node_script.py"
@@ -123,7 +130,7 @@ def test_reader_sees_both_servers_on_shared_blocks_and_not_after_expiry(start_no
     assert servers_seen(reader, 4, 6) == {4: [first_id], 5: [first_id]}
 
 
-def test_announce_and_read_of_30_blocks_stay_fast(start_node: Any) -> None:
+def test_announce_and_read_of_30_blocks_stay_fast_even_with_a_hung_peer(start_node: Any) -> None:
     bootstrap = start_node()
     started([bootstrap])
     servers = [start_node(bootstrap.addr) for _ in range(3)]
@@ -136,3 +143,26 @@ def test_announce_and_read_of_30_blocks_stay_fast(start_node: Any) -> None:
     announce_s = [round(a["elapsed"], 2) for a in announce]
     print(f"announce 30 blocks: {announce_s} s, read: {read['elapsed']:.2f} s")
     assert max(a["elapsed"] for a in announce) < 8.0 and read["elapsed"] < 5.0
+
+    # A hung peer (stopped, its connections still open) costs one request timeout, not one per key.
+    servers[0].process.send_signal(signal.SIGSTOP)
+    read = servers[2].call(cmd="get", model="thirty", start=0, end=30)
+    assert all(len(peers) == 2 for peers in read["servers"].values())
+    print(f"read with a hung peer: {read['elapsed']:.2f} s")
+    assert read["elapsed"] < REQUEST_TIMEOUT_S + 5.0
+
+
+def test_unreachable_bootstrap_peers_raise_bootstrap_error() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        free_port = sock.getsockname()[1]
+    nobody = f"/ip4/127.0.0.1/tcp/{free_port}/p2p/{peer_id_of(create_new_key_pair())}"
+
+    async def main() -> None:
+        async with open_host(create_new_key_pair(), ("127.0.0.1", 0)) as host:
+            with trio.fail_after(15):
+                async with open_swarm_dht(host, [nobody]):
+                    raise AssertionError("bootstrapped through a peer that does not exist")
+
+    with pytest.raises(BootstrapError, match="none of the bootstrap peers answered"):
+        trio.run(main)

@@ -90,6 +90,23 @@ def resolve_model(model: str) -> Path | str:
     )
 
 
+def checkpoint_dir(model: str) -> Path:
+    """A local directory holding `model`: built-in (prepared if needed), local, or downloaded from the hub."""
+    resolved = resolve_model(model)
+    if isinstance(resolved, Path):
+        return resolved
+    from huggingface_hub import snapshot_download
+
+    # a hub id: works only where the machine can reach the hub
+    patterns = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"]
+    return Path(snapshot_download(resolved, allow_patterns=patterns))
+
+
+def swarm_model_name(model: str) -> str:
+    """The model's name in the swarm: a built-in or hub name as given, a local directory by its last part."""
+    return Path(model).expanduser().name if Path(model).expanduser().is_dir() else model
+
+
 def check_checkpoint_dir(path: Path) -> None:
     """Raise `CheckpointError` unless `path` is a directory with config.json and safetensors weights."""
     if not path.exists():

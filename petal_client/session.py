@@ -1,0 +1,189 @@
+"""Inference sessions across the swarm: one stream per server on the route, the history of every step,
+and failover that replays that history to replacement servers."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import torch
+import trio
+
+from petal_client.routing import Hop, ServerSpan, min_latency_route
+from petal_client.swarm import Swarm
+from petald.errors import PetalError
+from petald.p2p.dht import ServerEntry
+from petald.p2p.wire import (
+    CloseSession,
+    ErrorReply,
+    Limits,
+    OpenSession,
+    SessionOpened,
+    Step,
+    StepResult,
+    read_message,
+    write_message,
+)
+from petald.serving.handlers import INFERENCE_PROTOCOL
+
+log = logging.getLogger(__name__)
+STEP_TIMEOUT = 120.0
+MAX_FAILOVERS = 8
+BAN_SECONDS = 15.0
+
+
+class ServerFailure(PetalError):
+    """A server failed during a session (error reply, closed stream, or timeout)."""
+
+    def __init__(self, peer_id: str, reason: str, code: str = "failure"):
+        super().__init__(f"server {peer_id[:16]}… failed: {reason}")
+        self.peer_id = peer_id
+        self.code = code
+
+
+class RemoteSpanSession:
+    """One inference session with one server over one long-lived stream (runs on the swarm's loop)."""
+
+    def __init__(self, hop: Hop, stream):
+        self.hop = hop
+        self.stream = stream
+        self.next_step = 0
+
+    @classmethod
+    async def open(cls, swarm: Swarm, entry: ServerEntry, hop: Hop, request: OpenSession) -> RemoteSpanSession:
+        try:
+            stream = await swarm.open_stream(entry, INFERENCE_PROTOCOL)
+            with trio.fail_after(STEP_TIMEOUT):
+                await write_message(stream, request)
+                reply = await read_message(stream, Limits(), expect=(SessionOpened,))
+        except Exception as e:
+            raise ServerFailure(hop.peer_id, f"could not open a session: {e!r}") from e
+        if isinstance(reply, ErrorReply):
+            raise ServerFailure(hop.peer_id, reply.reason, reply.code)
+        return cls(hop, stream)
+
+    async def step(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        step_id, self.next_step = self.next_step, self.next_step + 1
+        try:
+            with trio.fail_after(STEP_TIMEOUT):
+                await write_message(self.stream, Step(step_id, hidden, attention_mask))
+                reply = await read_message(self.stream, Limits(), expect=(StepResult,))
+        except Exception as e:
+            raise ServerFailure(self.hop.peer_id, f"step {step_id}: {e!r}") from e
+        if isinstance(reply, ErrorReply):
+            raise ServerFailure(self.hop.peer_id, reply.reason, reply.code)
+        if reply.step != step_id or reply.hidden.shape != hidden.shape:
+            raise ServerFailure(self.hop.peer_id, f"answered step {reply.step} {list(reply.hidden.shape)}")
+        return reply.hidden
+
+    async def close(self) -> None:
+        with trio.move_on_after(5):
+            try:
+                await write_message(self.stream, CloseSession())
+                await self.stream.close()
+            except Exception:  # noqa: BLE001 - the server may already be gone
+                pass
+
+
+@dataclass
+class _Banned:
+    """Servers that failed recently, with exponential backoff per server."""
+
+    until: dict[str, float] = field(default_factory=dict)
+    strikes: dict[str, int] = field(default_factory=dict)
+
+    def ban(self, peer_id: str) -> None:
+        self.strikes[peer_id] = self.strikes.get(peer_id, 0) + 1
+        self.until[peer_id] = time.monotonic() + BAN_SECONDS * 2 ** (self.strikes[peer_id] - 1)
+
+    def __contains__(self, peer_id: str) -> bool:
+        return self.until.get(peer_id, 0) > time.monotonic()
+
+
+class RemoteInferenceSession:
+    """Runs steps through every block [start, end) of a model on the swarm (the BlockSession protocol).
+
+    For every hop it keeps the inputs it sent (the history); when a server fails, it is banned, its
+    blocks are routed anew, and the replacement servers rebuild their caches from that history."""
+
+    def __init__(self, swarm: Swarm, model: str, start: int, end: int, batch_size: int, max_length: int):
+        self.swarm, self.model, self.start, self.end = swarm, model, start, end
+        self.batch_size, self.max_length = batch_size, max_length
+        self.session_id = uuid.uuid4().hex
+        self.route: list[RemoteSpanSession] = []
+        self.history: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # hop start -> inputs
+        self.banned = _Banned()
+        self.failovers = 0
+
+    def step(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if attention_mask is None:
+            attention_mask = torch.ones(hidden.shape[:2], dtype=torch.long)
+        return self.swarm.run(self._step, hidden, attention_mask.long())
+
+    def close(self) -> None:
+        self.swarm.run(self._close)
+
+    async def _close(self) -> None:
+        for session in self.route:
+            await session.close()
+        self.route = []
+
+    async def _step(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if not self.route:
+            self.route = await self._open_route(self.start, self.end)
+        block, position = self.start, 0
+        while block < self.end:
+            session = self.route[position]
+            try:
+                output = await session.step(hidden, attention_mask)
+            except ServerFailure as failure:
+                await self._replace(position, failure)
+                continue  # retry this hop with its replacement(s)
+            self.history.setdefault(block, []).append((hidden, attention_mask))
+            hidden, block, position = output, session.hop.end, position + 1
+        return hidden
+
+    async def _replace(self, position: int, failure: ServerFailure) -> None:
+        """Ban the failed server, route its blocks anew and replay their history to the new servers."""
+        failed = self.route[position]
+        await failed.close()
+        while True:
+            self.failovers += 1
+            if self.failovers > MAX_FAILOVERS:
+                raise PetalError(f"gave up after {MAX_FAILOVERS} server failures; last: {failure}") from failure
+            log.warning("%s; routing blocks %d:%d around it", failure, failed.hop.start, failed.hop.end)
+            self.banned.ban(failure.peer_id)
+            try:
+                replacement = await self._open_route(failed.hop.start, failed.hop.end)
+                await self._replay(replacement)
+                break
+            except ServerFailure as again:
+                failure = again
+        self.route[position : position + 1] = replacement
+
+    async def _replay(self, replacement: list[RemoteSpanSession]) -> None:
+        """Send every past input of the replaced blocks through `replacement` as one prefill."""
+        past = self.history.get(replacement[0].hop.start)
+        if not past:
+            return
+        hidden = torch.cat([h for h, _ in past], dim=1)
+        mask = torch.cat([m for _, m in past], dim=1)
+        for session in replacement:
+            if session is not replacement[0]:
+                self.history[session.hop.start] = [(hidden, mask)]  # a new boundary: its inputs so far
+            hidden = await session.step(hidden, mask)
+
+    async def _open_route(self, start: int, end: int) -> list[RemoteSpanSession]:
+        servers = await self.swarm.servers(self.model, range(start, end))
+        usable = {p: e for p, e in servers.items() if p not in self.banned}
+        spans = [ServerSpan(p, e.start, e.end, e.throughput, e.cache_tokens_left) for p, e in usable.items()]
+        route = min_latency_route(
+            spans, start, end, cache_tokens_needed=self.batch_size * self.max_length, model=self.model
+        )
+        sessions = []
+        for hop in route:
+            request = OpenSession(self.model, hop.start, hop.end, self.batch_size, self.max_length, self.session_id)
+            sessions.append(await RemoteSpanSession.open(self.swarm, usable[hop.peer_id], hop, request))
+        return sessions

@@ -1,0 +1,133 @@
+"""The node's configuration: one dataclass, from a TOML file, then PETALD_* environment variables, then flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from petald.errors import PetalError
+
+ENV_PREFIX = "PETALD_"
+
+
+class ConfigError(PetalError, ValueError):
+    """A configuration value is missing, unknown or malformed."""
+
+
+@dataclass
+class NodeConfig:
+    """Everything `petald start` / `petald dht` needs. Names match the TOML keys and the --flags."""
+
+    model: str | None = None  # built-in name, local HF directory or hub id
+    blocks: str | None = None  # "A:B": serve blocks [A, B)
+    num_blocks: int | None = None  # or: serve this many blocks, chosen where the swarm is weakest
+    host: str = "127.0.0.1"  # address to listen on
+    port: int = 31330  # 0 = any free port
+    public_host: str | None = None  # address to announce instead of the listening one (behind NAT)
+    identity: Path | None = None  # Ed25519 key file; created (0600) if missing; none = new identity each run
+    initial_peers: list[str] = field(default_factory=list)  # multiaddrs of peers to join through
+    new_swarm: bool = False  # start a swarm of one instead of joining
+    quant: str = "none"  # none | int8 | nf4
+    max_cache_tokens: int = 16384  # KV cache budget, in tokens (batch x length), for the whole span
+    max_batch_size: int = 64
+    throughput: float | None = None  # blocks x steps / s to announce; none = measure at start
+    heartbeat: float = 30.0  # seconds between re-announcements
+    expiry: float = 90.0  # seconds an announcement stays valid
+    step_timeout: float = 300.0  # seconds a session may wait between steps
+    session_timeout: float = 1800.0  # seconds a session may last
+    drain_timeout: float = 30.0  # seconds open sessions may finish after SIGTERM
+    log_format: str = "text"  # text | json
+    log_level: str = "info"
+
+    def span_bounds(self) -> tuple[int, int] | None:
+        """(start, end) from `blocks`, or None when the node picks its span."""
+        if self.blocks is None:
+            return None
+        try:
+            start, end = (int(part) for part in self.blocks.split(":"))
+        except ValueError:
+            raise ConfigError(f"blocks must look like 10:20, got {self.blocks!r}") from None
+        return start, end
+
+    def check_serving(self) -> None:
+        """Raise ConfigError unless this config can start a serving node."""
+        if not self.model:
+            raise ConfigError("no model: give --model (a built-in name such as smollm2-135m, or a directory)")
+        if (self.blocks is None) == (self.num_blocks is None):
+            raise ConfigError("give exactly one of --blocks A:B and --num-blocks N")
+        self.check_swarm()
+
+    def check_swarm(self) -> None:
+        if self.new_swarm and self.initial_peers:
+            raise ConfigError("--new-swarm starts a swarm of its own: it takes no --initial-peers")
+        if not self.new_swarm and not self.initial_peers:
+            raise ConfigError("give --initial-peers MULTIADDR ... to join a swarm, or --new-swarm to start one")
+        if self.quant not in ("none", "int8", "nf4"):
+            raise ConfigError(f"quant must be none, int8 or nf4, got {self.quant!r}")
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"log_format must be text or json, got {self.log_format!r}")
+        if self.expiry <= self.heartbeat:
+            raise ConfigError(f"expiry ({self.expiry} s) must be longer than heartbeat ({self.heartbeat} s)")
+
+
+def load_config(config_file: Path | None, flags: dict[str, Any], environ: dict[str, str] | None = None) -> NodeConfig:
+    """Defaults, overridden by the TOML file, then by PETALD_* variables, then by flags that were given."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            values.update(tomllib.loads(config_file.read_text()))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(f"cannot read config file {config_file}: {e}") from e
+    fields = {f.name: f for f in dataclasses.fields(NodeConfig)}
+    for name in fields:
+        if ENV_PREFIX + name.upper() in environ:
+            values[name] = environ[ENV_PREFIX + name.upper()]
+    values.update({k: v for k, v in flags.items() if v is not None and k in fields})
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown configuration keys: {', '.join(unknown)}")
+    return NodeConfig(**{name: _coerce(name, value, fields[name].type) for name, value in values.items()})
+
+
+def _coerce(name: str, value: Any, annotation: str) -> Any:
+    """Turn a TOML or environment value into the field's type, with an error naming the field.
+
+    Strings (from the environment or flags) are parsed; other TOML values must already have the type."""
+    kind = annotation.removesuffix(" | None")
+    if not isinstance(value, str) and not _has_type(value, kind):
+        raise ConfigError(f"{name}: {value!r} is not a valid {kind}")
+    try:
+        if "list[str]" in annotation:
+            return value.split() if isinstance(value, str) else [str(v) for v in value]
+        if annotation.startswith("bool"):
+            if isinstance(value, str):
+                if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ValueError(value)
+                return value.lower() in ("1", "true", "yes")
+            return bool(value)
+        if "Path" in annotation:
+            return Path(value).expanduser()
+        if annotation.startswith("int"):
+            return int(value)
+        if annotation.startswith("float"):
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: {value!r} is not a valid {kind}") from None
+
+
+def _has_type(value: Any, kind: str) -> bool:
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == "list[str]":
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    return isinstance(value, (str, Path))

@@ -1,0 +1,75 @@
+"""`petald status`: which servers hold which blocks of which model, read from the DHT."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import trio
+
+from petald.p2p.dht import ServerEntry, open_swarm_dht
+from petald.p2p.host import load_or_create_identity, open_host
+
+
+async def read_swarm(initial_peers: list[str], model: str | None) -> dict[str, dict]:
+    """{model: {"num_blocks": n, "servers": {peer_id: entry}, "blocks": {block: [peer_id]}}}."""
+    async with open_host(load_or_create_identity(None), ("127.0.0.1", 0)) as host:
+        async with open_swarm_dht(host, initial_peers) as dht:
+            models = await dht.list_models()
+            if model is not None:
+                models = {model: models.get(model, 0)}
+            result = {}
+            for name, total in models.items():
+                found = await dht.get_servers(name, range(total)) if total else {}
+                servers: dict[str, ServerEntry] = {}
+                blocks: dict[int, list[str]] = {block: [] for block in range(total)}
+                for block, entries in found.items():
+                    for peer_id, entry in entries.items():
+                        servers[peer_id] = entry
+                        blocks[block].append(peer_id)
+                result[name] = {"num_blocks": total, "servers": servers, "blocks": blocks}
+            return result
+
+
+def print_status(initial_peers: list[str], model: str | None, as_json: bool) -> int:
+    swarm = trio.run(read_swarm, initial_peers, model)
+    if as_json:
+        print(json.dumps({name: _jsonable(info) for name, info in swarm.items()}, indent=2))
+        return 0
+    if not swarm:
+        print("no models are served in this swarm")
+    now = time.time()
+    for name, info in swarm.items():
+        print(f"{name}: {info['num_blocks']} blocks, {len(info['servers'])} servers")
+        for peer_id, e in sorted(info["servers"].items(), key=lambda item: (item[1].start, item[0])):
+            print(
+                f"  {peer_id}  blocks {e.start:>3}:{e.end:<3} {e.state:<8} {e.throughput:8.1f} blocks*steps/s  "
+                f"cache {e.cache_tokens_left:>7} tokens free  {e.quant:<4}  expires in {e.expires_at - now:4.0f} s"
+            )
+        missing = [b for b, peers in info["blocks"].items() if not peers]
+        if missing:
+            print(f"  !! blocks served by no one: {_ranges(missing)}")
+    return 0
+
+
+def _ranges(blocks: list[int]) -> str:
+    spans, start = [], blocks[0]
+    for prev, block in zip(blocks, blocks[1:] + [None], strict=True):
+        if block != prev + 1:
+            spans.append(f"{start}" if start == prev else f"{start}-{prev}")
+            start = block
+    return ", ".join(spans)
+
+
+def _jsonable(info: dict) -> dict:
+    return {
+        "num_blocks": info["num_blocks"],
+        "servers": {p: e.to_wire() | {"public_key": None, "signature": None} for p, e in info["servers"].items()},
+        "blocks": {str(b): peers for b, peers in info["blocks"].items()},
+        "unserved_blocks": [b for b, peers in info["blocks"].items() if not peers],
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(print_status(sys.argv[1:], None, False))
