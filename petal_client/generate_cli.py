@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from transformers import TextStreamer
+
+from petald.p2p.host import quiet_libp2p_logs
 
 
 class _StdoutStreamer(TextStreamer):
@@ -35,8 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--greedy takes no --temperature, --top-p or --top-k")
     if not args.chat and not args.prompt:
         parser.error("give a PROMPT, or --chat")
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("libp2p").setLevel(logging.ERROR)
+    quiet_libp2p_logs()
 
     from petal_client.model import DistributedModelForCausalLM
     from petald.errors import PetalError

@@ -60,7 +60,7 @@ class Swarm:
         self._token = trio.lowlevel.current_trio_token()
         self._stop = trio.Event()
         async with open_host(load_or_create_identity(None), ("127.0.0.1", 0)) as host:
-            async with open_swarm_dht(host, self.initial_peers) as dht:
+            async with open_swarm_dht(host, self.initial_peers, client=True) as dht:
                 self.host, self.dht = host, dht
                 self._ready.set()
                 await self._stop.wait()

@@ -101,15 +101,22 @@ class _Announcer:
     def __init__(self, dht: SwarmDHT, model: str, key_pair, total_blocks: int, expiry: float):
         self.dht, self.model, self.key_pair, self.total_blocks, self.expiry = dht, model, key_pair, total_blocks, expiry
 
-    async def __call__(self, entry: ServerEntry) -> None:
-        try:
-            with trio.fail_after(30):
-                stored = await self.dht.announce(
-                    self.model, entry, self.key_pair, num_blocks=self.total_blocks, ttl=self.expiry
+    async def __call__(self, entry: ServerEntry, attempts: int = 3) -> None:
+        for attempt in range(attempts):
+            try:
+                with trio.fail_after(30):
+                    stored = await self.dht.announce(
+                        self.model, entry, self.key_pair, num_blocks=self.total_blocks, ttl=self.expiry
+                    )
+                log.debug(
+                    "announced %s for blocks %d:%d (stored by %d peers)", entry.state, entry.start, entry.end, stored
                 )
-            log.debug("announced %s for blocks %d:%d (stored by %d peers)", entry.state, entry.start, entry.end, stored)
-        except Exception as e:  # the next heartbeat retries
-            log.warning("announcing %s failed: %r", entry.state, e)
+                # a node alone in its swarm stores only its own copy; otherwise no peer means the write was lost
+                if stored > 0 or not self.dht.kad.routing_table.get_peer_ids():
+                    return
+            except Exception as e:  # the next attempt, or the next heartbeat, retries
+                log.warning("announcing %s failed: %r", entry.state, e)
+            await trio.sleep(1 + attempt)
 
 
 async def _heartbeat(announce: _Announcer, current_entry, period: float) -> None:

@@ -9,13 +9,13 @@ import time
 import trio
 
 from petald.p2p.dht import ServerEntry, open_swarm_dht
-from petald.p2p.host import load_or_create_identity, open_host
+from petald.p2p.host import load_or_create_identity, open_host, quiet_libp2p_logs
 
 
 async def read_swarm(initial_peers: list[str], model: str | None) -> dict[str, dict]:
     """{model: {"num_blocks": n, "servers": {peer_id: entry}, "blocks": {block: [peer_id]}}}."""
     async with open_host(load_or_create_identity(None), ("127.0.0.1", 0)) as host:
-        async with open_swarm_dht(host, initial_peers) as dht:
+        async with open_swarm_dht(host, initial_peers, client=True) as dht:
             models = await dht.list_models()
             if model is not None:
                 models = {model: models.get(model, 0)}
@@ -33,6 +33,7 @@ async def read_swarm(initial_peers: list[str], model: str | None) -> dict[str, d
 
 
 def print_status(initial_peers: list[str], model: str | None, as_json: bool) -> int:
+    quiet_libp2p_logs()
     swarm = trio.run(read_swarm, initial_peers, model)
     if as_json:
         print(json.dumps({name: _jsonable(info) for name, info in swarm.items()}, indent=2))

@@ -770,9 +770,14 @@ class SwarmDHT:
 
 
 @asynccontextmanager
-async def open_swarm_dht(host: IHost, bootstrap_addrs: Sequence[str] = ()) -> AsyncIterator[SwarmDHT]:
-    """Run a server-mode KadDHT with the ``petal`` validator on ``host``; bootstrap; yield it."""
-    kad = KadDHT(host, DHTMode.SERVER)
+async def open_swarm_dht(
+    host: IHost, bootstrap_addrs: Sequence[str] = (), *, client: bool = False
+) -> AsyncIterator[SwarmDHT]:
+    """Run a KadDHT with the ``petal`` validator on ``host``; bootstrap; yield it.
+
+    Nodes run it in server mode; clients (and ``petald status``) in client mode, so that peers which
+    come and go are never put in anyone's routing table or asked to store values."""
+    kad = KadDHT(host, DHTMode.CLIENT if client else DHTMode.SERVER)
     kad.register_validator(NAMESPACE, PetalRecordValidator())
     async with unwrapped_groups(), background_trio_service(kad):
         swarm = SwarmDHT(kad)

@@ -75,6 +75,18 @@ def route_libp2p_logs() -> None:
         kad_logger.addFilter(_DhtStreamEofFilter())
 
 
+def quiet_libp2p_logs() -> None:
+    """For command-line clients: warnings to stderr, but none of py-libp2p's own.
+
+    py-libp2p warns (even errs) about every peer it cannot reach, and peers that left the swarm are
+    passed around in DHT answers for a while; a client's user cannot act on those, and Petal's own
+    errors say what failed."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(lambda record: not record.name.startswith("libp2p"))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
+
+
 def peer_id_of(key_pair: KeyPair) -> ID:
     """The peer id derived from ``key_pair``'s public key."""
     return ID.from_pubkey(key_pair.public_key)

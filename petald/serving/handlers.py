@@ -59,11 +59,9 @@ class SpanServer:
         self.state = "ONLINE"
         self.throughput = 0.0
         self.sessions_done = trio.Event()
-        self.limits = Limits(
-            max_tensor_bytes=options.max_tensor_bytes,
-            max_batch_size=options.max_batch_size,
-            max_length=options.max_cache_tokens,
-        )
+        # max_length stays the protocol's own bound: the budget check answers a too-long session with
+        # "cache_full" and the room left, which a client can act on
+        self.limits = Limits(max_tensor_bytes=options.max_tensor_bytes, max_batch_size=options.max_batch_size)
 
     @property
     def accepting(self) -> bool:
