@@ -4,14 +4,12 @@ and failover that replays that history to replacement servers."""
 from __future__ import annotations
 
 import logging
-import time
 import uuid
-from dataclasses import dataclass, field
 
 import torch
 import trio
 
-from petal_client.routing import Hop, ServerSpan, min_latency_route
+from petal_client.routing import Hop, MissingBlocksError, min_latency_route
 from petal_client.swarm import Swarm
 from petald.errors import PetalError
 from petald.p2p.dht import ServerEntry
@@ -31,7 +29,6 @@ from petald.serving.handlers import INFERENCE_PROTOCOL
 log = logging.getLogger(__name__)
 STEP_TIMEOUT = 120.0
 MAX_FAILOVERS = 8
-BAN_SECONDS = 15.0
 
 
 class ServerFailure(PetalError):
@@ -87,21 +84,6 @@ class RemoteSpanSession:
                 pass
 
 
-@dataclass
-class _Banned:
-    """Servers that failed recently, with exponential backoff per server."""
-
-    until: dict[str, float] = field(default_factory=dict)
-    strikes: dict[str, int] = field(default_factory=dict)
-
-    def ban(self, peer_id: str) -> None:
-        self.strikes[peer_id] = self.strikes.get(peer_id, 0) + 1
-        self.until[peer_id] = time.monotonic() + BAN_SECONDS * 2 ** (self.strikes[peer_id] - 1)
-
-    def __contains__(self, peer_id: str) -> bool:
-        return self.until.get(peer_id, 0) > time.monotonic()
-
-
 class RemoteInferenceSession:
     """Runs steps through every block [start, end) of a model on the swarm (the BlockSession protocol).
 
@@ -114,7 +96,6 @@ class RemoteInferenceSession:
         self.session_id = uuid.uuid4().hex
         self.route: list[RemoteSpanSession] = []
         self.history: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # hop start -> inputs
-        self.banned = _Banned()
         self.failovers = 0
 
     def step(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -131,11 +112,19 @@ class RemoteInferenceSession:
         self.route = []
 
     async def _step(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        view = await self.swarm.watch(self.model, range(self.start, self.end))
         if not self.route:
             self.route = await self._open_route(self.start, self.end)
         block, position = self.start, 0
         while block < self.end:
             session = self.route[position]
+            # re-checked at every step: a server that went OFFLINE (draining), stopped answering pings or
+            # left the DHT is replaced before it is asked for anything
+            status = view.servers.get(session.hop.peer_id)
+            if status is None or not status.usable:
+                state = "gone from the swarm" if status is None else status.state.lower()
+                await self._replace(position, ServerFailure(session.hop.peer_id, state, "moved"))
+                continue
             try:
                 output = await session.step(hidden, attention_mask)
             except ServerFailure as failure:
@@ -149,19 +138,24 @@ class RemoteInferenceSession:
         """Ban the failed server, route its blocks anew and replay their history to the new servers."""
         failed = self.route[position]
         await failed.close()
+        log.warning("%s; routing blocks %d:%d around it", failure, failed.hop.start, failed.hop.end)
+        self._count_failure(failure)
         while True:
-            self.failovers += 1
-            if self.failovers > MAX_FAILOVERS:
-                raise PetalError(f"gave up after {MAX_FAILOVERS} server failures; last: {failure}") from failure
-            log.warning("%s; routing blocks %d:%d around it", failure, failed.hop.start, failed.hop.end)
-            self.banned.ban(failure.peer_id)
+            replacement = await self._open_route(failed.hop.start, failed.hop.end)
             try:
-                replacement = await self._open_route(failed.hop.start, failed.hop.end)
                 await self._replay(replacement)
                 break
             except ServerFailure as again:
-                failure = again
+                for session in replacement:
+                    await session.close()
+                self._count_failure(again)
         self.route[position : position + 1] = replacement
+
+    def _count_failure(self, failure: ServerFailure) -> None:
+        self.failovers += 1
+        if self.failovers > MAX_FAILOVERS:
+            raise PetalError(f"gave up after {MAX_FAILOVERS} server failures; last: {failure}") from failure
+        self.swarm.banned.ban(failure.peer_id)
 
     async def _replay(self, replacement: list[RemoteSpanSession]) -> None:
         """Send every past input of the replaced blocks through `replacement` as one prefill."""
@@ -176,14 +170,32 @@ class RemoteInferenceSession:
             hidden = await session.step(hidden, mask)
 
     async def _open_route(self, start: int, end: int) -> list[RemoteSpanSession]:
-        servers = await self.swarm.servers(self.model, range(start, end))
-        usable = {p: e for p, e in servers.items() if p not in self.banned}
-        spans = [ServerSpan(p, e.start, e.end, e.throughput, e.cache_tokens_left) for p, e in usable.items()]
-        route = min_latency_route(
-            spans, start, end, cache_tokens_needed=self.batch_size * self.max_length, model=self.model
-        )
-        sessions = []
-        for hop in route:
-            request = OpenSession(self.model, hop.start, hop.end, self.batch_size, self.max_length, self.session_id)
-            sessions.append(await RemoteSpanSession.open(self.swarm, usable[hop.peer_id], hop, request))
-        return sessions
+        """Sessions on the best route through [start, end); servers that fail to open are banned and avoided."""
+        blocks = range(self.start, self.end)
+        view = await self.swarm.watch(self.model, blocks)
+        needed = self.batch_size * self.max_length
+        refreshed = False
+        while True:
+            usable = {p: s for p, s in view.servers.items() if s.usable and p not in self.swarm.banned}
+            try:
+                route = min_latency_route(
+                    [s.span() for s in usable.values()], start, end, cache_tokens_needed=needed, model=self.model
+                )
+            except MissingBlocksError:
+                if refreshed:
+                    raise
+                await self.swarm.refresh(self.model, blocks, view)  # the view may predate a new server
+                refreshed = True
+                continue
+            sessions: list[RemoteSpanSession] = []
+            try:
+                for hop in route:
+                    request = OpenSession(
+                        self.model, hop.start, hop.end, self.batch_size, self.max_length, self.session_id
+                    )
+                    sessions.append(await RemoteSpanSession.open(self.swarm, usable[hop.peer_id].entry, hop, request))
+                return sessions
+            except ServerFailure as failure:
+                for session in sessions:
+                    await session.close()
+                self._count_failure(failure)

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import trio
@@ -15,14 +17,68 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from multiaddr import Multiaddr
 
+from petal_client.routing import ServerSpan
 from petald.errors import PetalError
 from petald.p2p.dht import ServerEntry, ServerState, SwarmDHT, open_swarm_dht
 from petald.p2p.host import load_or_create_identity, open_host
+from petald.p2p.wire import InfoRequest, Limits, ServerInfo, read_message, write_message
+from petald.serving.handlers import INFO_PROTOCOL
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 START_TIMEOUT = 60.0
 CONNECT_TIMEOUT = 10.0
+REFRESH_PERIOD = 5.0  # seconds between background re-reads of the servers of a model in use
+PING_TIMEOUT = 3.0
+BAN_SECONDS = 15.0
+RTT_SMOOTHING = 0.2  # weight of a new RTT sample in the moving average
+
+
+@dataclass
+class BanList:
+    """Servers that failed recently: each is avoided for a while, twice as long at each new failure."""
+
+    until: dict[str, float] = field(default_factory=dict)
+    strikes: dict[str, int] = field(default_factory=dict)
+
+    def ban(self, peer_id: str) -> None:
+        self.strikes[peer_id] = self.strikes.get(peer_id, 0) + 1
+        self.until[peer_id] = time.monotonic() + BAN_SECONDS * 2 ** (self.strikes[peer_id] - 1)
+
+    def __contains__(self, peer_id: str) -> bool:
+        return self.until.get(peer_id, 0) > time.monotonic()
+
+
+@dataclass
+class ServerStatus:
+    """What the client knows of one server: its announcement, its own latest answer, its distance."""
+
+    entry: ServerEntry
+    state: str  # ONLINE, OFFLINE (draining), or UNREACHABLE when it did not answer a ping
+    cache_tokens_left: int
+    rtt: float | None = None
+
+    @property
+    def usable(self) -> bool:
+        return self.state == "ONLINE"
+
+    def span(self) -> ServerSpan:
+        return ServerSpan(
+            self.entry.peer_id,
+            self.entry.start,
+            self.entry.end,
+            self.entry.throughput,
+            self.cache_tokens_left,
+            self.rtt,
+        )
+
+
+@dataclass
+class SwarmView:
+    """The servers of one model as last seen (DHT read + pings), refreshed in the background."""
+
+    servers: dict[str, ServerStatus] = field(default_factory=dict)
+    refreshed: trio.Event = field(default_factory=trio.Event)
 
 
 class SwarmError(PetalError):
@@ -32,7 +88,9 @@ class SwarmError(PetalError):
 class Swarm:
     """A running client host + DHT. Use as a context manager, or call `close()`."""
 
-    def __init__(self, initial_peers: list[str], start_timeout: float = START_TIMEOUT):
+    def __init__(
+        self, initial_peers: list[str], start_timeout: float = START_TIMEOUT, refresh_period: float = REFRESH_PERIOD
+    ):
         if not initial_peers:
             raise SwarmError("give initial_peers: the multiaddrs (/ip4/.../tcp/P/p2p/ID) of peers in the swarm")
         self.initial_peers = list(initial_peers)
@@ -42,6 +100,10 @@ class Swarm:
         self._stop: trio.Event | None = None
         self.host = None
         self.dht: SwarmDHT | None = None
+        self.refresh_period = refresh_period
+        self.views: dict[str, SwarmView] = {}  # model -> what we last saw of its servers
+        self._nursery: trio.Nursery | None = None
+        self.banned = BanList()
         self._thread = threading.Thread(target=self._thread_main, name="petal-swarm", daemon=True)
         self._thread.start()
         if not self._ready.wait(start_timeout):
@@ -60,10 +122,11 @@ class Swarm:
         self._token = trio.lowlevel.current_trio_token()
         self._stop = trio.Event()
         async with open_host(load_or_create_identity(None), ("127.0.0.1", 0)) as host:
-            async with open_swarm_dht(host, self.initial_peers, client=True) as dht:
-                self.host, self.dht = host, dht
+            async with open_swarm_dht(host, self.initial_peers, client=True) as dht, trio.open_nursery() as nursery:
+                self.host, self.dht, self._nursery = host, dht, nursery
                 self._ready.set()
                 await self._stop.wait()
+                nursery.cancel_scope.cancel()
 
     def run(self, fn: Callable[..., Awaitable[T]], *args) -> T:
         """Run `fn(*args)` on the swarm's event loop and return its result (from a sync thread)."""
@@ -93,6 +156,61 @@ class Swarm:
                 if entry.state == ServerState.ONLINE:
                     online[peer_id] = entry
         return online
+
+    async def watch(self, model: str, blocks: range) -> SwarmView:
+        """The live view of `model`'s servers; the first call reads it, then a background task keeps it fresh."""
+        view = self.views.get(model)
+        if view is None:
+            view = self.views[model] = SwarmView()
+            await self.refresh(model, blocks, view)
+            self._nursery.start_soon(self._keep_fresh, model, blocks, view)
+        return view
+
+    async def _keep_fresh(self, model: str, blocks: range, view: SwarmView) -> None:
+        while True:
+            await trio.sleep(self.refresh_period)
+            try:
+                await self.refresh(model, blocks, view)
+            except Exception as e:  # the next refresh tries again; routing uses the last view meanwhile
+                log.debug("refreshing the view of %s failed: %r", model, e)
+
+    async def refresh(self, model: str, blocks: range, view: SwarmView) -> None:
+        """Read the DHT, then ping every announced server for its state, free cache and RTT."""
+        announced = await self.servers(model, blocks)
+        statuses: dict[str, ServerStatus] = {}
+
+        async def ping(peer_id: str, entry: ServerEntry) -> None:
+            old = view.servers.get(peer_id)
+            status = ServerStatus(entry, "UNREACHABLE", entry.cache_tokens_left, old.rtt if old else None)
+            try:
+                started = trio.current_time()
+                info = await self.ping(entry)
+                rtt = trio.current_time() - started
+                status.state, status.cache_tokens_left = info.state, info.cache_tokens_left
+                status.rtt = rtt if status.rtt is None else (1 - RTT_SMOOTHING) * status.rtt + RTT_SMOOTHING * rtt
+            except Exception as e:  # noqa: BLE001 - an unreachable server is simply not routed through
+                log.debug("ping %s failed: %r", peer_id, e)
+            statuses[peer_id] = status
+
+        async with trio.open_nursery() as nursery:
+            for peer_id, entry in announced.items():
+                nursery.start_soon(ping, peer_id, entry)
+        view.servers = statuses
+        view.refreshed.set()
+        view.refreshed = trio.Event()
+
+    async def ping(self, entry: ServerEntry) -> ServerInfo:
+        """Ask a server for its live state over the info protocol (also measures how far it is)."""
+        with trio.fail_after(PING_TIMEOUT):
+            stream = await self.open_stream(entry, INFO_PROTOCOL)
+            try:
+                await write_message(stream, InfoRequest())
+                reply = await read_message(stream, Limits(), expect=(ServerInfo,))
+            finally:
+                await stream.close()
+        if not isinstance(reply, ServerInfo):
+            raise SwarmError(f"server {entry.peer_id} answered a ping with {reply}")
+        return reply
 
     async def open_stream(self, entry: ServerEntry, protocol: str):
         """A new stream to the server of `entry`, connecting first if needed."""

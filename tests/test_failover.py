@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import random
+import signal
+import time
 
 import pytest
 import torch
@@ -109,5 +111,45 @@ def test_a_failed_server_is_replaced_by_two_servers_covering_its_span(tiny_llama
                 output = model.generate(conversation.token_ids, max_new_tokens=NEW_TOKENS - 5, eos_token_id=None)
                 assert [s.hop.peer_id for s in conversation.blocks.route] == [peer_of(n) for n in halves]
             assert torch.equal(output, expected)
+        finally:
+            model.blocks.swarm.close()
+
+
+def test_a_draining_server_is_left_before_the_next_step(tiny_llama, tmp_path, env):
+    prompt = torch.tensor([[11, 22, 33, 44]])
+    expected = expected_tokens(tiny_llama, prompt)
+    with local_swarm(tmp_path, env) as swarm:
+        first = swarm.start("dht", "--port", "0", "--new-swarm")
+        servers = [
+            swarm.start(
+                "start",
+                "--model",
+                str(tiny_llama),
+                "--blocks",
+                "0:6",
+                "--initial-peers",
+                first.addr,
+                "--drain-timeout",
+                "60",
+                *FAST,
+            )
+            for _ in range(2)
+        ]
+        for node in servers:
+            node.wait_serving()
+        by_peer = {peer_of(node): node for node in servers}
+        model = DistributedModelForCausalLM.from_pretrained(str(tiny_llama), initial_peers=[first.addr])
+        try:
+            with model.inference_session(max_length=64) as conversation:
+                model.generate(prompt, max_new_tokens=6, eos_token_id=None)
+                draining = by_peer[conversation.blocks.route[0].hop.peer_id]
+                draining.process.send_signal(signal.SIGTERM)
+                time.sleep(model.blocks.swarm.refresh_period + 3)  # the client's view sees it OFFLINE
+                assert draining.process.poll() is None  # still draining: our session holds it open
+                output = model.generate(conversation.token_ids, max_new_tokens=NEW_TOKENS - 6, eos_token_id=None)
+                assert conversation.blocks.route[0].hop.peer_id != peer_of(draining)
+            assert torch.equal(output, expected)
+            # once we moved away, its last session closed and it left on its own
+            assert draining.process.wait(30) == 0, draining.output()
         finally:
             model.blocks.swarm.close()
