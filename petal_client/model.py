@@ -33,19 +33,21 @@ class DistributedModelForCausalLM(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, model: str, initial_peers: list[str], *, swarm_name: str | None = None
+        cls, model: str, initial_peers: list[str], *, swarm_name: str | None = None, server_push: bool = True
     ) -> DistributedModelForCausalLM:
         """Load the client's parts of `model` locally and reach its blocks through the swarm.
 
         `model` is a built-in name, a local checkpoint directory or a hub id; the swarm knows it as
-        `swarm_name` (default: the built-in or hub name, or a directory's last part)."""
+        `swarm_name` (default: the built-in or hub name, or a directory's last part). With `server_push`,
+        each server sends its output straight to the next one (the client still gets every output, for
+        failover); without, the client visits each server in turn."""
         from petal_client.sequential import RemoteSequential
         from petal_client.swarm import Swarm
 
         model_dir = checkpoint_dir(model)
         parts, config = load_client_parts(model_dir)
         name = swarm_name or swarm_model_name(model)
-        blocks = RemoteSequential(Swarm(initial_peers), name, 0, config.num_hidden_layers)
+        blocks = RemoteSequential(Swarm(initial_peers), name, 0, config.num_hidden_layers, server_push)
         return cls(parts, config, _tokenizer(model_dir), blocks, name)
 
     @classmethod

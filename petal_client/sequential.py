@@ -15,9 +15,10 @@ class RemoteSequential(nn.Module):
     Calling it runs hidden states [B, T, H] through its blocks (no cache); `inference_session` keeps
     per-server caches for step-by-step generation."""
 
-    def __init__(self, swarm: Swarm, model: str, start: int, end: int):
+    def __init__(self, swarm: Swarm, model: str, start: int, end: int, push: bool = True):
         super().__init__()
         self.swarm, self.model, self.start, self.end = swarm, model, start, end
+        self.push = push  # server-to-server push (False: the client visits each server in turn)
 
     def __len__(self) -> int:
         return self.end - self.start
@@ -28,7 +29,7 @@ class RemoteSequential(nn.Module):
         first, last, stride = index.indices(len(self))
         if stride != 1 or first >= last:
             raise IndexError(f"remote blocks take contiguous, non-empty slices; got {index}")
-        return RemoteSequential(self.swarm, self.model, self.start + first, self.start + last)
+        return RemoteSequential(self.swarm, self.model, self.start + first, self.start + last, self.push)
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))
@@ -37,7 +38,7 @@ class RemoteSequential(nn.Module):
         return f"model={self.model!r}, blocks={self.start}:{self.end}"
 
     def inference_session(self, batch_size: int, max_length: int) -> RemoteInferenceSession:
-        return RemoteInferenceSession(self.swarm, self.model, self.start, self.end, batch_size, max_length)
+        return RemoteInferenceSession(self.swarm, self.model, self.start, self.end, batch_size, max_length, self.push)
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         session = self.inference_session(hidden.shape[0], hidden.shape[1])

@@ -17,6 +17,7 @@ from petald.p2p.wire import (
     CloseSession,
     ErrorReply,
     Limits,
+    NextHop,
     OpenSession,
     SessionOpened,
     Step,
@@ -43,10 +44,10 @@ class ServerFailure(PetalError):
 class RemoteSpanSession:
     """One inference session with one server over one long-lived stream (runs on the swarm's loop)."""
 
-    def __init__(self, hop: Hop, stream):
+    def __init__(self, hop: Hop, entry: ServerEntry, stream):
         self.hop = hop
+        self.entry = entry
         self.stream = stream
-        self.next_step = 0
 
     @classmethod
     async def open(cls, swarm: Swarm, entry: ServerEntry, hop: Hop, request: OpenSession) -> RemoteSpanSession:
@@ -59,21 +60,35 @@ class RemoteSpanSession:
             raise ServerFailure(hop.peer_id, f"could not open a session: {e!r}") from e
         if isinstance(reply, ErrorReply):
             raise ServerFailure(hop.peer_id, reply.reason, reply.code)
-        return cls(hop, stream)
+        return cls(hop, entry, stream)
 
-    async def step(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        step_id, self.next_step = self.next_step, self.next_step + 1
+    def next_hop(self, session_id: str) -> NextHop:
+        """How the previous server on the route pushes to this session."""
+        return NextHop(self.hop.peer_id, self.entry.addrs[:8], session_id, self.hop.start)
+
+    async def send(self, step: Step) -> None:
         try:
             with trio.fail_after(STEP_TIMEOUT):
-                await write_message(self.stream, Step(step_id, hidden, attention_mask))
+                await write_message(self.stream, step)
+        except Exception as e:
+            raise ServerFailure(self.hop.peer_id, f"step {step.step}: {e!r}") from e
+
+    async def receive(self, step_id: int, shape: torch.Size) -> StepResult:
+        """This server's result for `step_id` (sent by us, or pushed to it by the previous server)."""
+        try:
+            with trio.fail_after(STEP_TIMEOUT):
                 reply = await read_message(self.stream, Limits(), expect=(StepResult,))
         except Exception as e:
             raise ServerFailure(self.hop.peer_id, f"step {step_id}: {e!r}") from e
         if isinstance(reply, ErrorReply):
             raise ServerFailure(self.hop.peer_id, reply.reason, reply.code)
-        if reply.step != step_id or reply.hidden.shape != hidden.shape:
+        if reply.step != step_id or reply.hidden.shape != shape:
             raise ServerFailure(self.hop.peer_id, f"answered step {reply.step} {list(reply.hidden.shape)}")
-        return reply.hidden
+        return reply
+
+    async def step(self, step_id: int, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        await self.send(Step(step_id, hidden, attention_mask))
+        return (await self.receive(step_id, hidden.shape)).hidden
 
     async def close(self) -> None:
         with trio.move_on_after(5):
@@ -90,8 +105,12 @@ class RemoteInferenceSession:
     For every hop it keeps the inputs it sent (the history); when a server fails, it is banned, its
     blocks are routed anew, and the replacement servers rebuild their caches from that history."""
 
-    def __init__(self, swarm: Swarm, model: str, start: int, end: int, batch_size: int, max_length: int):
+    def __init__(
+        self, swarm: Swarm, model: str, start: int, end: int, batch_size: int, max_length: int, push: bool = True
+    ):
         self.swarm, self.model, self.start, self.end = swarm, model, start, end
+        self.push = push  # servers pass each step on to the next server; False: the client visits each (star)
+        self.steps = 0
         self.batch_size, self.max_length = batch_size, max_length
         self.session_id = uuid.uuid4().hex
         self.route: list[RemoteSpanSession] = []
@@ -115,26 +134,33 @@ class RemoteInferenceSession:
         view = await self.swarm.watch(self.model, range(self.start, self.end))
         if not self.route:
             self.route = await self._open_route(self.start, self.end)
-        block, position = self.start, 0
+        # ids are odd for steps, even for replays, so a replay fits before the step that needs it
+        self.steps += 1
+        step_id = 2 * self.steps + 1
+        block, position, arrived = self.start, 0, False  # arrived: the hop got this step by push already
         while block < self.end:
             session = self.route[position]
             # re-checked at every step: a server that went OFFLINE (draining), stopped answering pings or
             # left the DHT is replaced before it is asked for anything
             status = view.servers.get(session.hop.peer_id)
-            if status is None or not status.usable:
+            if not arrived and (status is None or not status.usable):
                 state = "gone from the swarm" if status is None else status.state.lower()
-                await self._replace(position, ServerFailure(session.hop.peer_id, state, "moved"))
+                await self._replace(position, ServerFailure(session.hop.peer_id, state, "moved"), step_id - 1)
                 continue
             try:
-                output = await session.step(hidden, attention_mask)
+                if not arrived:
+                    onward = [s.next_hop(self.session_id) for s in self.route[position + 1 :]] if self.push else []
+                    await session.send(Step(step_id, hidden, attention_mask, onward))
+                result = await session.receive(step_id, hidden.shape)
             except ServerFailure as failure:
-                await self._replace(position, failure)
-                continue  # retry this hop with its replacement(s)
+                await self._replace(position, failure, step_id - 1)
+                arrived = False
+                continue  # retry this hop with its replacement(s), the client sending the step
             self.history.setdefault(block, []).append((hidden, attention_mask))
-            hidden, block, position = output, session.hop.end, position + 1
+            hidden, block, position, arrived = result.hidden, session.hop.end, position + 1, result.pushed
         return hidden
 
-    async def _replace(self, position: int, failure: ServerFailure) -> None:
+    async def _replace(self, position: int, failure: ServerFailure, replay_id: int) -> None:
         """Ban the failed server, route its blocks anew and replay their history to the new servers."""
         failed = self.route[position]
         await failed.close()
@@ -143,7 +169,7 @@ class RemoteInferenceSession:
         while True:
             replacement = await self._open_route(failed.hop.start, failed.hop.end)
             try:
-                await self._replay(replacement)
+                await self._replay(replacement, replay_id)
                 break
             except ServerFailure as again:
                 for session in replacement:
@@ -157,7 +183,7 @@ class RemoteInferenceSession:
             raise PetalError(f"gave up after {MAX_FAILOVERS} server failures; last: {failure}") from failure
         self.swarm.banned.ban(failure.peer_id)
 
-    async def _replay(self, replacement: list[RemoteSpanSession]) -> None:
+    async def _replay(self, replacement: list[RemoteSpanSession], replay_id: int) -> None:
         """Send every past input of the replaced blocks through `replacement` as one prefill."""
         past = self.history.get(replacement[0].hop.start)
         if not past:
@@ -167,7 +193,7 @@ class RemoteInferenceSession:
         for session in replacement:
             if session is not replacement[0]:
                 self.history[session.hop.start] = [(hidden, mask)]  # a new boundary: its inputs so far
-            hidden = await session.step(hidden, mask)
+            hidden = await session.step(replay_id, hidden, mask)
 
     async def _open_route(self, start: int, end: int) -> list[RemoteSpanSession]:
         """Sessions on the best route through [start, end); servers that fail to open are banned and avoided."""

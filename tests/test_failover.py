@@ -153,3 +153,31 @@ def test_a_draining_server_is_left_before_the_next_step(tiny_llama, tmp_path, en
             assert draining.process.wait(30) == 0, draining.output()
         finally:
             model.blocks.swarm.close()
+
+
+def test_push_mode_gives_exactly_the_output_of_star_mode(tiny_llama, tmp_path, env):
+    prompt = torch.tensor([[4, 8, 15, 16, 23, 42]])
+    expected = expected_tokens(tiny_llama, prompt)
+    with local_swarm(tmp_path, env) as swarm:
+        first = swarm.start("dht", "--port", "0", "--new-swarm")
+        nodes = [
+            swarm.start("start", "--model", str(tiny_llama), "--blocks", blocks, "--initial-peers", first.addr, *FAST)
+            for blocks in ("0:2", "2:4", "4:6")
+        ]
+        for node in nodes:
+            node.wait_serving()
+        outputs = {}
+        for push in (False, True):
+            model = DistributedModelForCausalLM.from_pretrained(
+                str(tiny_llama), initial_peers=[first.addr], server_push=push
+            )
+            try:
+                with model.inference_session(max_length=64) as conversation:
+                    outputs[push] = model.generate(prompt, max_new_tokens=NEW_TOKENS, eos_token_id=None)
+                    assert len(conversation.blocks.route) == 3 and conversation.blocks.failovers == 0
+            finally:
+                model.blocks.swarm.close()
+        assert torch.equal(outputs[True], outputs[False])
+        assert torch.equal(outputs[True], expected)
+        # the servers really pushed: the first two answered with pushed=True (logged by nobody on failure)
+        assert all("push to" not in node.output() for node in nodes)

@@ -202,6 +202,13 @@ class Step(Message):
     step: int
     hidden: torch.Tensor
     attention_mask: torch.Tensor | None = None
+    # server push: after this step, send the output on to these servers' sessions, in order
+    push_to: list[NextHop] = field(default_factory=list)
+
+    def to_wire(self) -> dict[str, Any]:
+        body = super().to_wire()
+        body["push_to"] = [dataclasses.asdict(hop) for hop in self.push_to]
+        return body
 
     @classmethod
     def from_wire(cls, msg, limits):
@@ -222,21 +229,70 @@ class Step(Message):
                 )
             if not bool(((mask == 0) | (mask == 1)).all()):
                 raise ProtocolError("attention_mask must hold only 0 and 1", "bad_shape")
-        return cls(_int(msg, "step", 0, 1 << 40), hidden, mask)
+        push_to = msg.get("push_to") or []
+        if not isinstance(push_to, list) or len(push_to) > MAX_PUSH_HOPS:
+            raise ProtocolError(f"push_to must be a list of at most {MAX_PUSH_HOPS} hops")
+        return cls(_int(msg, "step", 0, 1 << 40), hidden, mask, [NextHop.from_wire(hop) for hop in push_to])
+
+
+MAX_PUSH_HOPS = 64
+
+
+@dataclass
+class NextHop:
+    """Where a server pushes its output: the session of `session_id` on `peer_id`, starting at block `start`."""
+
+    peer_id: str
+    addrs: list[str]
+    session_id: str
+    start: int
+
+    @classmethod
+    def from_wire(cls, msg) -> NextHop:
+        if not isinstance(msg, dict):
+            raise ProtocolError("a push_to hop must be a map")
+        return cls(
+            peer_id=_str(msg, "peer_id", 128),
+            addrs=_str_list(msg, "addrs", 8),
+            session_id=_str(msg, "session_id", 64),
+            start=_int(msg, "start", 0, 1 << 20),
+        )
+
+
+@dataclass
+class Push(Step):
+    """Server -> server: a step for the receiver's session `session_id` on blocks from `start`."""
+
+    TYPE: ClassVar[str] = "push"
+    session_id: str = ""
+    start: int = 0
+
+    @classmethod
+    def from_wire(cls, msg, limits):
+        step = Step.from_wire(msg, limits)
+        return cls(
+            step.step,
+            step.hidden,
+            step.attention_mask,
+            step.push_to,
+            session_id=_str(msg, "session_id", 64),
+            start=_int(msg, "start", 0, 1 << 20),
+        )
 
 
 @dataclass
 class StepResult(Message):
-    """Server -> client: the span's output for that step."""
+    """Server -> client: the span's output for that step; `pushed` says it went on to the next server too."""
 
     TYPE: ClassVar[str] = "result"
     step: int
     hidden: torch.Tensor
+    pushed: bool = False
 
     @classmethod
     def from_wire(cls, msg, limits):
         hidden = unpack_tensor(msg.get("hidden"), "hidden", limits.max_tensor_bytes)
-        return cls(_int(msg, "step", 0, 1 << 40), hidden)
+        return cls(_int(msg, "step", 0, 1 << 40), hidden, msg.get("pushed") is True)
 
 
 @dataclass

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import trio
@@ -20,6 +20,7 @@ from petald.p2p.wire import (
     Limits,
     OpenSession,
     ProtocolError,
+    Push,
     ServerInfo,
     SessionOpened,
     Step,
@@ -28,13 +29,16 @@ from petald.p2p.wire import (
     write_message,
 )
 from petald.serving.cache import CacheBudget, CacheFullError
-from petald.serving.span import Span
+from petald.serving.span import Span, SpanSession
 
 log = logging.getLogger(__name__)
 
 INFERENCE_PROTOCOL = "/petal/inference/1.0.0"
 INFO_PROTOCOL = "/petal/info/1.0.0"
+PUSH_PROTOCOL = "/petal/push/1.0.0"
 WRITE_TIMEOUT = 30.0
+PUSH_TIMEOUT = 5.0
+INBOX_SIZE = 16
 
 
 @dataclass
@@ -48,6 +52,27 @@ class ServingOptions:
     version: str = ""
 
 
+@dataclass
+class LiveSession:
+    """An open inference session: its cache, its client stream and the inbox its steps arrive in."""
+
+    key: tuple[str, int]  # (client's session id, first block): how pushes find it
+    budget_id: str
+    request: OpenSession
+    span_session: SpanSession
+    stream: object
+    last_step: int = -1
+    write_lock: trio.Lock = field(default_factory=trio.Lock)
+
+    def __post_init__(self):
+        self.inbox_in, self.inbox = trio.open_memory_channel(INBOX_SIZE)
+
+    async def send(self, message) -> None:
+        """Write to the client: the step runner and the stream reader both answer it."""
+        async with self.write_lock:
+            await write_message(self.stream, message)
+
+
 class SpanServer:
     """Serves one span to many clients; owns the cache budget and the one compute lane."""
 
@@ -59,6 +84,9 @@ class SpanServer:
         self.state = "ONLINE"
         self.throughput = 0.0
         self.sessions_done = trio.Event()
+        self.live: dict[tuple[str, int], LiveSession] = {}
+        self.push_streams: dict[str, object] = {}  # next server's peer id -> open push stream
+        self.open_push_stream = _no_push  # set by the node: opens a PUSH_PROTOCOL stream to a NextHop
         # max_length stays the protocol's own bound: the budget check answers a too-long session with
         # "cache_full" and the room left, which a client can act on
         self.limits = Limits(max_tensor_bytes=options.max_tensor_bytes, max_batch_size=options.max_batch_size)
@@ -95,34 +123,41 @@ class SpanServer:
             await _close(stream)
 
     async def handle_inference(self, stream) -> None:
-        """One inference session: open (reserve cache), steps, close (free cache)."""
-        session_id = None
+        """One inference session: open (reserve cache), steps, close (free cache).
+
+        Steps come from the client's stream or, with server push, from the previous server on the
+        route (handle_push); both feed the session's inbox, and results always go back to the client."""
+        session = None
         try:
             with trio.fail_after(self.options.step_timeout):
                 request = await read_message(stream, self.limits, expect=(OpenSession,))
-            session_id = f"{request.session_id}/{uuid.uuid4().hex[:8]}"
-            span_session = self._open(request, session_id)
+            session = self._open(request, stream)
             with trio.fail_after(WRITE_TIMEOUT):
-                await write_message(stream, SessionOpened(request.session_id, self.budget.tokens_left))
+                await session.send(SessionOpened(request.session_id, self.budget.tokens_left))
             with trio.move_on_after(self.options.session_timeout) as lifetime:
-                await self._serve_steps(stream, request, span_session)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._read_client_steps, session)
+                    await self._run_steps(session)
+                    nursery.cancel_scope.cancel()
             if lifetime.cancelled_caught:
-                await _send_error(stream, "session_timeout", f"session exceeded {self.options.session_timeout} s")
+                await _send_error(session, "session_timeout", f"session exceeded {self.options.session_timeout} s")
         except (ProtocolError, CacheFullError) as e:
-            await _send_error(stream, getattr(e, "code", "cache_full"), str(e))
+            await _send_error(session or stream, getattr(e, "code", "cache_full"), str(e))
         except trio.TooSlowError:
-            await _send_error(stream, "timeout", f"no message within {self.options.step_timeout} s")
+            await _send_error(session or stream, "timeout", f"no message within {self.options.step_timeout} s")
         except Exception as e:  # a peer's failure (EOF, reset) or bad data ends only its own session
-            log.debug("inference session %s ended: %r", session_id, e)
+            log.debug("inference session %s ended: %r", session and session.key, e)
         finally:
-            if session_id is not None:
-                self.budget.release(session_id)
+            if session is not None:
+                if self.live.get(session.key) is session:
+                    del self.live[session.key]
+                self.budget.release(session.budget_id)
                 if self.budget.sessions == 0:
                     self.sessions_done.set()
                     self.sessions_done = trio.Event()
             await _close(stream)
 
-    def _open(self, request: OpenSession, session_id: str):
+    def _open(self, request: OpenSession, stream) -> LiveSession:
         if not self.accepting:
             raise ProtocolError(f"this server is {self.state.lower()} and takes no new sessions", "unavailable")
         if request.model != self.options.model:
@@ -133,29 +168,94 @@ class SpanServer:
                 f"{self.span.start}:{self.span.end})",
                 "wrong_span",
             )
-        self.budget.reserve(session_id, request.batch_size * request.max_length)
-        return self.span.new_session(request.batch_size, request.max_length, request.start, request.end)
+        key = (request.session_id, request.start)
+        budget_id = f"{request.session_id}/{uuid.uuid4().hex[:8]}"
+        self.budget.reserve(budget_id, request.batch_size * request.max_length)
+        span_session = self.span.new_session(request.batch_size, request.max_length, request.start, request.end)
+        session = LiveSession(key, budget_id, request, span_session, stream)
+        self.live[key] = session  # a reopened session takes over the pushes addressed to it
+        return session
 
-    async def _serve_steps(self, stream, request: OpenSession, span_session) -> None:
-        last_step = -1
+    async def _read_client_steps(self, session: LiveSession) -> None:
+        """Client stream -> inbox, until CloseSession or the stream ends; bad steps get an error frame."""
+        try:
+            while True:
+                try:
+                    message = await read_message(session.stream, self.limits, expect=(Step, CloseSession))
+                except ProtocolError as e:
+                    if e.code == "too_large":
+                        raise  # the frame's bytes were not consumed: the stream cannot go on
+                    await _send_error(session, e.code, str(e))  # the session and its cache are unchanged
+                    continue
+                if isinstance(message, CloseSession):
+                    break
+                await session.inbox_in.send(message)
+        except ProtocolError as e:
+            await _send_error(session, e.code, str(e))
+        except Exception as e:  # EOF or reset: the client is gone
+            log.debug("client of session %s left: %r", session.key, e)
+        await session.inbox_in.aclose()
+
+    async def _run_steps(self, session: LiveSession) -> None:
         while True:
             try:
                 with trio.fail_after(self.options.step_timeout):
-                    message = await read_message(stream, self.limits, expect=(Step, CloseSession))
-                if isinstance(message, CloseSession):
-                    return
-                self._check_step(message, request, span_session, last_step)
+                    message = await session.inbox.receive()
+            except trio.EndOfChannel:
+                return
+            except trio.TooSlowError:
+                await _send_error(session, "timeout", f"no message within {self.options.step_timeout} s")
+                return
+            try:
+                self._check_step(message, session.request, session.span_session, session.last_step)
             except ProtocolError as e:
-                if e.code == "too_large":
-                    raise  # the frame's bytes were not consumed: the stream cannot go on
-                await _send_error(stream, e.code, str(e))  # the session and its cache are unchanged
+                await _send_error(session, e.code, str(e))
                 continue
             hidden = await trio.to_thread.run_sync(
-                self.span.step, span_session, message.hidden, message.attention_mask, limiter=self.compute
+                self.span.step, session.span_session, message.hidden, message.attention_mask, limiter=self.compute
             )
-            last_step = message.step
+            session.last_step = message.step
+            output = hidden.to(message.hidden.dtype)
+            pushed = bool(message.push_to) and await self._push(message, output)
             with trio.fail_after(WRITE_TIMEOUT):
-                await write_message(stream, StepResult(message.step, hidden.to(message.hidden.dtype)))
+                await session.send(StepResult(message.step, output, pushed))
+
+    async def _push(self, step: Step, output: torch.Tensor) -> bool:
+        """Send `output` on to the next server's session; False if that failed (the client then sends it)."""
+        hop, rest = step.push_to[0], step.push_to[1:]
+        message = Push(step.step, output, step.attention_mask, rest, session_id=hop.session_id, start=hop.start)
+        try:
+            with trio.fail_after(PUSH_TIMEOUT):
+                stream = self.push_streams.get(hop.peer_id)
+                if stream is None:
+                    stream = self.push_streams[hop.peer_id] = await self.open_push_stream(hop)
+                await write_message(stream, message)
+            return True
+        except Exception as e:  # noqa: BLE001 - any failure falls back to the client sending it
+            log.info("push to %s failed: %r", hop.peer_id[:16], e)
+            stale = self.push_streams.pop(hop.peer_id, None)
+            if stale is not None:
+                await _close(stale)
+            return False
+
+    async def handle_push(self, stream) -> None:
+        """Steps pushed by previous servers, for sessions open here; one stream per pushing server."""
+        try:
+            while True:
+                with trio.fail_after(self.options.session_timeout):
+                    push = await read_message(stream, self.limits, expect=(Push,))
+                session = self.live.get((push.session_id, push.start))
+                if session is None:
+                    log.debug("push for unknown session %s/%d dropped", push.session_id, push.start)
+                    continue  # the client notices the missing result and sends the step itself
+                try:
+                    session.inbox_in.send_nowait(push)
+                except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+                    log.debug("session %s/%d cannot take a pushed step", push.session_id, push.start)
+        except Exception as e:  # a peer's failure or bad data ends only its own push stream
+            log.debug("push stream ended: %r", e)
+        finally:
+            await _close(stream)
 
     def _check_step(self, step: Step, request: OpenSession, span_session, last_step: int) -> None:
         batch, length, hidden_size = step.hidden.shape
@@ -177,13 +277,32 @@ class SpanServer:
             raise ProtocolError("hidden holds NaN or infinity", "bad_value")
 
 
-async def _send_error(stream, code: str, reason: str) -> None:
-    """Best effort: the peer may already be gone."""
+async def _send_error(target, code: str, reason: str) -> None:
+    """Best effort (the peer may already be gone); `target` is a stream or a LiveSession."""
     with trio.move_on_after(WRITE_TIMEOUT):
         try:
-            await write_message(stream, ErrorReply(code, reason))
+            if isinstance(target, LiveSession):
+                await target.send(ErrorReply(code, reason))
+            else:
+                await write_message(target, ErrorReply(code, reason))
         except Exception as e:  # noqa: BLE001 - the peer is gone; nothing more to tell it
             log.debug("could not send error %s: %r", code, e)
+
+
+async def open_push_stream(host, hop):
+    """A push stream from this node to the server of `hop`, connecting first if needed."""
+    from libp2p.peer.id import ID
+    from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+    from multiaddr import Multiaddr
+
+    peer_id = ID.from_base58(hop.peer_id)
+    addrs = [info_from_p2p_addr(Multiaddr(a)).addrs[0] for a in hop.addrs if a.endswith(f"/p2p/{hop.peer_id}")]
+    await host.connect(PeerInfo(peer_id, addrs))
+    return await host.new_stream(peer_id, [PUSH_PROTOCOL])
+
+
+async def _no_push(hop):
+    raise RuntimeError("this server cannot open streams")
 
 
 async def _close(stream) -> None:
