@@ -111,6 +111,7 @@ class RemoteInferenceSession:
         self.swarm, self.model, self.start, self.end = swarm, model, start, end
         self.push = push  # servers pass each step on to the next server; False: the client visits each (star)
         self.steps = 0
+        self.pushes = 0  # hops that received their input straight from the previous server
         self.batch_size, self.max_length = batch_size, max_length
         self.session_id = uuid.uuid4().hex
         self.route: list[RemoteSpanSession] = []
@@ -158,6 +159,7 @@ class RemoteInferenceSession:
                 continue  # retry this hop with its replacement(s), the client sending the step
             self.history.setdefault(block, []).append((hidden, attention_mask))
             hidden, block, position, arrived = result.hidden, session.hop.end, position + 1, result.pushed
+            self.pushes += arrived
         return hidden
 
     async def _replace(self, position: int, failure: ServerFailure, replay_id: int) -> None:

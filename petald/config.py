@@ -25,6 +25,8 @@ class NodeConfig:
     model: str | None = None  # built-in name, local HF directory or hub id
     blocks: str | None = None  # "A:B": serve blocks [A, B)
     num_blocks: int | None = None  # or: serve this many blocks, chosen where the swarm is weakest
+    balance_quality: float = 0.75  # with num_blocks: move if the weakest block's throughput before/after is below
+    balance_period: float = 60.0  # with num_blocks: seconds (x 0.5-1.5) between balance checks; 0 = never move
     host: str = "127.0.0.1"  # address to listen on
     port: int = 31330  # 0 = any free port
     public_host: str | None = None  # address to announce instead of the listening one (behind NAT)
@@ -59,6 +61,10 @@ class NodeConfig:
             raise ConfigError("no model: give --model (a built-in name such as smollm2-135m, or a directory)")
         if (self.blocks is None) == (self.num_blocks is None):
             raise ConfigError("give exactly one of --blocks A:B and --num-blocks N")
+        if not 0 < self.balance_quality <= 1:
+            raise ConfigError(f"balance_quality must be in (0, 1], got {self.balance_quality}")
+        if self.balance_period < 0:
+            raise ConfigError(f"balance_period must be 0 (never move) or more seconds, got {self.balance_period}")
         self.check_swarm()
 
     def check_swarm(self) -> None:

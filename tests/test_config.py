@@ -155,6 +155,9 @@ def test_a_complete_serving_config_passes():
         ({"log_format": "xml"}, "log_format must be text or json, got 'xml'"),
         ({"expiry": 30.0}, r"expiry \(30.0 s\) must be longer than heartbeat \(30.0 s\)"),
         ({"expiry": 10.0}, r"expiry \(10.0 s\) must be longer than heartbeat"),
+        ({"balance_quality": 0.0}, r"balance_quality must be in \(0, 1\], got 0.0"),
+        ({"balance_quality": 1.5}, r"balance_quality must be in \(0, 1\], got 1.5"),
+        ({"balance_period": -1.0}, r"balance_period must be 0 \(never move\) or more seconds, got -1.0"),
     ],
 )
 def test_check_serving_names_what_is_wrong(changes, named):

@@ -25,6 +25,7 @@ class SpanSession:
     attention_mask: torch.Tensor  # [batch, tokens seen], 1 = real token, 0 = padding
     max_length: int
     layers: slice  # the local layers this session runs: blocks [start, end) of the model
+    span_blocks: tuple[int, int]  # the span it was opened on: a server that moved must not run it on others
 
     @property
     def batch_size(self) -> int:
@@ -73,7 +74,8 @@ class Span:
         if not self.start <= start < end <= self.end:
             raise SpanError(f"blocks {start}:{end} are not inside this span, {self.start}:{self.end}")
         layers = slice(start - self.start, end - self.start)
-        return SpanSession(self.module.new_cache(), torch.ones(batch_size, 0, dtype=torch.long), max_length, layers)
+        mask = torch.ones(batch_size, 0, dtype=torch.long)
+        return SpanSession(self.module.new_cache(), mask, max_length, layers, (self.start, self.end))
 
     def step(
         self, session: SpanSession, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None
@@ -81,6 +83,11 @@ class Span:
         """Run new tokens `hidden` [B, T, H] through the span, extending the session's cache by T tokens.
 
         `attention_mask` [B, T] marks padding among the new tokens (default: none)."""
+        if session.span_blocks != (self.start, self.end):
+            raise SpanError(
+                f"this session was opened on blocks {session.span_blocks[0]}:{session.span_blocks[1]}, "
+                f"and this server now serves {self.start}:{self.end}: open a new session"
+            )
         batch, length, _ = hidden.shape
         if attention_mask is None:
             attention_mask = torch.ones(batch, length, dtype=torch.long)
