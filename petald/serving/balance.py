@@ -51,21 +51,42 @@ def should_move(
     Petals moves only when the settled swarm has no gap at all; step 4's "fewer uncovered blocks" also
     lets a swarm too small to serve every block shrink its gaps."""
     spans = _clipped(total_blocks, spans)
-    if my_peer_id not in spans:
+    target = _replacement(total_blocks, my_peer_id, spans)
+    if target is None:
         return None
-    start, end, throughput = spans[my_peer_id]
-    others = {peer: span for peer, span in spans.items() if peer != my_peer_id}
+    moved = {**spans, my_peer_id: (*target, spans[my_peer_id][2])}
+    before = block_throughputs(total_blocks, spans.values())
+    after = block_throughputs(total_blocks, settle(total_blocks, moved).values())
+    return target if _gains_clearly(before, after, balance_quality) else None
+
+
+def move_candidates(total_blocks: int, spans: Mapping[str, SpanInfo]) -> dict[str, tuple[int, int]]:
+    """Peer id -> the span that steps 1 and 2 of `should_move` would let it move to now, for every server
+    that would move.
+
+    Servers in the same place see the same gap, and if each moved whenever it gains they would all rush
+    to it. A server can count the rivals heading where it is heading, and move with probability 1 / their
+    number instead: one of them moves on average, and the next check sees its claim."""
+    spans = _clipped(total_blocks, spans)
+    targets = {peer: _replacement(total_blocks, peer, spans) for peer in sorted(spans)}
+    return {peer: target for peer, target in targets.items() if target is not None}
+
+
+def _replacement(total_blocks: int, peer: str, spans: dict[str, SpanInfo]) -> tuple[int, int] | None:
+    """Steps 1 and 2 of `should_move`: where `peer` would re-place itself, if that moves it and opens no gap."""
+    if peer not in spans:
+        return None
+    start, end, throughput = spans[peer]
+    others = {p: span for p, span in spans.items() if p != peer}
     new_start = _best_start(block_throughputs(total_blocks, others.values()), end - start, current=start)
     if new_start == start:
         return None
     new_end = new_start + end - start
-    moved = {**others, my_peer_id: (new_start, new_end, throughput)}
     before = block_throughputs(total_blocks, spans.values())
-    alone = block_throughputs(total_blocks, moved.values())
+    alone = block_throughputs(total_blocks, [*others.values(), (new_start, new_end, throughput)])
     if any(was > 0 and now <= 0 for was, now in zip(before, alone, strict=True)):
         return None
-    after = block_throughputs(total_blocks, settle(total_blocks, moved).values())
-    return (new_start, new_end) if _gains_clearly(before, after, balance_quality) else None
+    return new_start, new_end
 
 
 def settle(
