@@ -1,4 +1,3 @@
-import importlib.util
 import re
 import time
 from collections.abc import Callable
@@ -14,6 +13,7 @@ from petald.models.checkpoints import (
     BUILTIN_MODELS,
     MARKER_FILE,
     CheckpointError,
+    builtin_gguf_path,
     make_tiny_bloom,
     make_tiny_llama,
     model_cache_dir,
@@ -180,9 +180,9 @@ def test_builtin_smollm2_matches_its_gguf(petal_test_home: Path, monkeypatch: py
     assert "Paris" in answer
 
     # The saved checkpoint (tied embeddings included) computes what transformers' own GGUF load does.
-    spec = BUILTIN_MODELS["smollm2-135m"]
-    gguf_dir = Path(importlib.util.find_spec(spec.module).submodule_search_locations[0])
-    direct = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=spec.gguf_filename)
+    # The model cache may outlive the venv that made it (CI keeps the cache), so the wheel may need installing.
+    gguf_path = builtin_gguf_path(BUILTIN_MODELS["smollm2-135m"])
+    direct = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     with torch.no_grad():
         expected = direct(**inputs).logits
         actual = model(**inputs).logits

