@@ -38,7 +38,12 @@ class LocalBlocks:
     def inference_session(self, batch_size: int, max_length: int) -> LocalSession:
         return LocalSession(self.spans, batch_size, max_length)
 
-    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None, prompts: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Every span on `hidden`, no cache; `prompts` [blocks, B or 1, P, H] are deep prompts (autograd works)."""
+        first = self.spans[0].start
         for span in self.spans:
-            hidden = span.forward(hidden, attention_mask)
+            span_prompts = None if prompts is None else prompts[span.start - first : span.end - first]
+            hidden = span.forward(hidden, attention_mask, prompts=span_prompts)
         return hidden

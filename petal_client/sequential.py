@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from petal_client.autograd import RemoteBlocksFunction, RemoteCalls
 from petal_client.session import RemoteInferenceSession
 from petal_client.swarm import Swarm
 
@@ -12,13 +13,16 @@ from petal_client.swarm import Swarm
 class RemoteSequential(nn.Module):
     """Blocks [start, end) of `model` on the swarm. `blocks[a:b]` is a RemoteSequential too.
 
-    Calling it runs hidden states [B, T, H] through its blocks (no cache); `inference_session` keeps
-    per-server caches for step-by-step generation."""
+    Calling it runs hidden states [B, T, H] through its blocks with stateless forward requests, and autograd
+    works through it (backward requests); `inference_session` keeps per-server caches for step-by-step
+    generation. With `adapter`, only servers serving that LoRA adapter are used, and they apply it."""
 
-    def __init__(self, swarm: Swarm, model: str, start: int, end: int, push: bool = True):
+    def __init__(self, swarm: Swarm, model: str, start: int, end: int, push: bool = True, adapter: str | None = None):
         super().__init__()
         self.swarm, self.model, self.start, self.end = swarm, model, start, end
         self.push = push  # server-to-server push (False: the client visits each server in turn)
+        self.adapter = adapter
+        self.calls = RemoteCalls(swarm, model, start, end, adapter)
 
     def __len__(self) -> int:
         return self.end - self.start
@@ -29,20 +33,27 @@ class RemoteSequential(nn.Module):
         first, last, stride = index.indices(len(self))
         if stride != 1 or first >= last:
             raise IndexError(f"remote blocks take contiguous, non-empty slices; got {index}")
-        return RemoteSequential(self.swarm, self.model, self.start + first, self.start + last, self.push)
+        return RemoteSequential(self.swarm, self.model, self.start + first, self.start + last, self.push, self.adapter)
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))
 
     def extra_repr(self) -> str:
-        return f"model={self.model!r}, blocks={self.start}:{self.end}"
+        adapter = f", adapter={self.adapter!r}" if self.adapter else ""
+        return f"model={self.model!r}, blocks={self.start}:{self.end}{adapter}"
 
     def inference_session(self, batch_size: int, max_length: int) -> RemoteInferenceSession:
-        return RemoteInferenceSession(self.swarm, self.model, self.start, self.end, batch_size, max_length, self.push)
+        return RemoteInferenceSession(
+            self.swarm, self.model, self.start, self.end, batch_size, max_length, self.push, self.adapter
+        )
 
-    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        session = self.inference_session(hidden.shape[0], hidden.shape[1])
-        try:
-            return session.step(hidden, attention_mask)
-        finally:
-            session.close()
+    def forward(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None, prompts: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`hidden` [B, T, H] through the blocks; `prompts` [blocks, B or 1, P, H] are deep prompts added to the
+        first P positions before each block. Differentiable w.r.t. `hidden` and `prompts`."""
+        if attention_mask is None:
+            attention_mask = torch.ones(hidden.shape[:2], dtype=torch.long)
+        if prompts is not None and prompts.shape[0] != len(self):
+            raise ValueError(f"prompts are for {prompts.shape[0]} blocks, these are {len(self)}")
+        return RemoteBlocksFunction.apply(hidden.float(), prompts, attention_mask.long(), self.calls)

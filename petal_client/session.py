@@ -106,9 +106,18 @@ class RemoteInferenceSession:
     blocks are routed anew, and the replacement servers rebuild their caches from that history."""
 
     def __init__(
-        self, swarm: Swarm, model: str, start: int, end: int, batch_size: int, max_length: int, push: bool = True
+        self,
+        swarm: Swarm,
+        model: str,
+        start: int,
+        end: int,
+        batch_size: int,
+        max_length: int,
+        push: bool = True,
+        adapter: str | None = None,
     ):
         self.swarm, self.model, self.start, self.end = swarm, model, start, end
+        self.adapter = adapter  # only servers serving this LoRA adapter are used, and they apply it
         self.push = push  # servers pass each step on to the next server; False: the client visits each (star)
         self.steps = 0
         self.pushes = 0  # hops that received their input straight from the previous server
@@ -204,10 +213,17 @@ class RemoteInferenceSession:
         needed = self.batch_size * self.max_length
         refreshed = False
         while True:
-            usable = {p: s for p, s in view.servers.items() if s.usable and p not in self.swarm.banned}
+            usable = {
+                p: s
+                for p, s in view.servers.items()
+                if s.usable
+                and p not in self.swarm.banned
+                and (self.adapter is None or self.adapter in s.entry.adapters)
+            }
+            what = self.model if self.adapter is None else f"{self.model} with adapter {self.adapter!r}"
             try:
                 route = min_latency_route(
-                    [s.span() for s in usable.values()], start, end, cache_tokens_needed=needed, model=self.model
+                    [s.span() for s in usable.values()], start, end, cache_tokens_needed=needed, model=what
                 )
             except MissingBlocksError:
                 if refreshed:
@@ -219,7 +235,7 @@ class RemoteInferenceSession:
             try:
                 for hop in route:
                     request = OpenSession(
-                        self.model, hop.start, hop.end, self.batch_size, self.max_length, self.session_id
+                        self.model, hop.start, hop.end, self.batch_size, self.max_length, self.session_id, self.adapter
                     )
                     sessions.append(await RemoteSpanSession.open(self.swarm, usable[hop.peer_id].entry, hop, request))
                 return sessions

@@ -62,6 +62,10 @@ class ServerStatus:
     def usable(self) -> bool:
         return self.state == "ONLINE"
 
+    def serves(self, adapter: str | None) -> bool:
+        """Whether this server can run its blocks with `adapter` (None: the base weights, which all can)."""
+        return adapter is None or adapter in self.entry.adapters
+
     def span(self) -> ServerSpan:
         return ServerSpan(
             self.entry.peer_id,

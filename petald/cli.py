@@ -61,8 +61,10 @@ NODE_OPTIONS_HELP = {
     "initial_peers": "multiaddrs of swarm peers to join through",
     "new_swarm": "start a new swarm instead of joining one",
     "quant": "quantize the span's Linear layers: none, int8 or nf4",
+    "adapters": "LoRA adapters to serve, each NAME=PATH (a peft adapter directory); clients pick one by name",
     "max_cache_tokens": "KV cache budget in tokens (batch x length)",
     "max_batch_size": "largest batch a session may open",
+    "max_forward_tokens": "largest batch x tokens of one forward or backward (training) request",
     "throughput": "announce this throughput (blocks x steps / s) instead of measuring it (measured once, cached)",
     "heartbeat": "seconds between re-announcements",
     "expiry": "seconds an announcement stays valid",
@@ -79,8 +81,10 @@ SERVING_ONLY = {
     "balance_quality",
     "balance_period",
     "quant",
+    "adapters",
     "max_cache_tokens",
     "max_batch_size",
+    "max_forward_tokens",
     "throughput",
     "step_timeout",
     "session_timeout",
@@ -99,7 +103,8 @@ def _add_node_options(parser: argparse.ArgumentParser, serving: bool) -> None:
         if field.type == "bool":
             parser.add_argument(flag, action="store_true", default=None, help=NODE_OPTIONS_HELP[field.name])
         elif field.type.startswith("list"):
-            parser.add_argument(flag, nargs="+", metavar="MULTIADDR", help=NODE_OPTIONS_HELP[field.name])
+            metavar = "NAME=PATH" if field.name == "adapters" else "MULTIADDR"
+            parser.add_argument(flag, nargs="+", metavar=metavar, help=NODE_OPTIONS_HELP[field.name])
         else:
             kind = {"int": int, "float": float}.get(field.type.split(" ")[0], str)
             parser.add_argument(flag, type=kind, help=NODE_OPTIONS_HELP[field.name])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 from petald.errors import PetalError
 
 ENV_PREFIX = "PETALD_"
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 class ConfigError(PetalError, ValueError):
@@ -34,8 +36,10 @@ class NodeConfig:
     initial_peers: list[str] = field(default_factory=list)  # multiaddrs of peers to join through
     new_swarm: bool = False  # start a swarm of one instead of joining
     quant: str = "none"  # none | int8 | nf4
+    adapters: list[str] = field(default_factory=list)  # LoRA adapters to serve, as NAME=PATH (peft directories)
     max_cache_tokens: int = 16384  # KV cache budget, in tokens (batch x length), for the whole span
     max_batch_size: int = 64
+    max_forward_tokens: int = 16384  # batch x tokens of one forward or backward (training) request
     throughput: float | None = None  # blocks x steps / s to announce; none = measure at start
     heartbeat: float = 30.0  # seconds between re-announcements
     expiry: float = 90.0  # seconds an announcement stays valid
@@ -55,6 +59,20 @@ class NodeConfig:
             raise ConfigError(f"blocks must look like 10:20, got {self.blocks!r}") from None
         return start, end
 
+    def adapter_paths(self) -> dict[str, Path]:
+        """Adapter name -> peft adapter directory, from `adapters` ("NAME=PATH" each)."""
+        paths: dict[str, Path] = {}
+        for item in self.adapters:
+            name, equals, path = item.partition("=")
+            if not equals or not path or not ADAPTER_NAME.fullmatch(name):
+                raise ConfigError(
+                    f"adapters: {item!r} is not NAME=PATH (a name of 1 to 64 letters, digits, '.', '_' or '-')"
+                )
+            if name in paths:
+                raise ConfigError(f"adapters: {name!r} is given twice")
+            paths[name] = Path(path).expanduser()
+        return paths
+
     def check_serving(self) -> None:
         """Raise ConfigError unless this config can start a serving node."""
         if not self.model:
@@ -63,6 +81,7 @@ class NodeConfig:
             raise ConfigError("give exactly one of --blocks A:B and --num-blocks N")
         if not 0 < self.balance_quality <= 1:
             raise ConfigError(f"balance_quality must be in (0, 1], got {self.balance_quality}")
+        self.adapter_paths()
         if self.balance_period < 0:
             raise ConfigError(f"balance_period must be 0 (never move) or more seconds, got {self.balance_period}")
         self.check_swarm()

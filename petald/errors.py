@@ -15,3 +15,7 @@ class UnsupportedModelError(PetalError, ValueError):
 
 class SpanError(PetalError, ValueError):
     """A block span is empty or outside the model."""
+
+
+class AdapterError(PetalError, ValueError):
+    """A LoRA adapter is missing, unsupported, made for another model, or not served here."""

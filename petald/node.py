@@ -10,6 +10,7 @@ import re
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
@@ -19,9 +20,11 @@ from petald.config import NodeConfig
 from petald.models.loading import load_config, num_blocks
 from petald.p2p.dht import ServerEntry, ServerState, SwarmDHT, open_swarm_dht
 from petald.p2p.host import full_addrs, load_or_create_identity, open_host, peer_id_of
-from petald.serving.balance import SpanInfo, choose_span, should_move
+from petald.serving.balance import SpanInfo, choose_span, move_candidates, should_move
 from petald.serving.cache import CacheBudget
 from petald.serving.handlers import (
+    BACKWARD_PROTOCOL,
+    FORWARD_PROTOCOL,
     INFERENCE_PROTOCOL,
     INFO_PROTOCOL,
     PUSH_PROTOCOL,
@@ -76,10 +79,11 @@ async def run_server(config: NodeConfig) -> None:
                 cache_tokens_left=config.max_cache_tokens,
                 quant=config.quant,
                 version=petald.__version__,
+                adapters=list(config.adapter_paths()),
             )
             announcer = _Announcer(dht, model_name, key_pair, total_blocks, config.expiry, entry)
             await announcer.publish()  # claim the span before the (slow) load, so others pick elsewhere
-            span = await _load_span(model_dir, start, end, config.quant)
+            span = await _load_span(model_dir, start, end, config)
             server = SpanServer(span, _serving_options(config, model_name))
             server.throughput = config.throughput or await trio.to_thread.run_sync(
                 measure_cached, key, functools.partial(measure_inference_throughput, span)
@@ -87,6 +91,8 @@ async def run_server(config: NodeConfig) -> None:
             host.set_stream_handler(INFERENCE_PROTOCOL, server.handle_inference)
             host.set_stream_handler(INFO_PROTOCOL, server.handle_info)
             host.set_stream_handler(PUSH_PROTOCOL, server.handle_push)
+            host.set_stream_handler(FORWARD_PROTOCOL, server.handle_forward)
+            host.set_stream_handler(BACKWARD_PROTOCOL, server.handle_backward)
             server.open_push_stream = functools.partial(open_push_stream, host)
             await announcer.publish(state=ServerState.ONLINE, throughput=server.throughput)
             log.info("serving blocks %d:%d of %s at %.1f blocks*steps/s", start, end, model_name, server.throughput)
@@ -114,11 +120,20 @@ class _Announcer:
         self.dht, self.model, self.key_pair, self.total_blocks, self.expiry = dht, model, key_pair, total_blocks, expiry
         self.entry = entry
 
-    async def publish(self, attempts: int = 3, **changes) -> None:
-        """Apply `changes` to the entry, then announce it: up to `attempts` tries of at most 30 s each."""
+    async def publish(self, **changes) -> None:
+        """Apply `changes` to the entry, then announce it."""
         self.entry = dataclasses.replace(self.entry, **changes)
+        await self._announce(lambda: self.entry)  # a retry announces what is true now, not what was at the call
+
+    async def retract(self, start: int, end: int) -> None:
+        """Announce OFFLINE under blocks [start, end), which this server has left for the span of its entry."""
+        offline = dataclasses.replace(self.entry, state=ServerState.OFFLINE, start=start, end=end)
+        await self._announce(lambda: offline)
+
+    async def _announce(self, current: Callable[[], ServerEntry], attempts: int = 3) -> None:
+        """Up to `attempts` tries of at most 30 s each."""
         for attempt in range(attempts):
-            entry = self.entry  # a retry announces what is true now, not what was when this call began
+            entry = current()
             try:
                 with trio.fail_after(30):
                     stored = await self.dht.announce(
@@ -149,71 +164,109 @@ async def _choose_blocks(config: NodeConfig, dht: SwarmDHT, model: str, total_bl
             raise SystemExit(f"petald: blocks {start}:{end} are outside {model}, which has blocks 0:{total_blocks}")
         return start, end
     await trio.sleep(random.uniform(0, 1))  # servers joining together do not all read the same swarm state
-    spans = await _swarm_spans(dht, model, total_blocks)
-    if spans is None:
+    servers = await _live_servers(dht, model, total_blocks)
+    if servers is None:
         log.warning("choosing blocks as if the swarm were empty; the balance checks will correct the choice")
-    return choose_span(total_blocks, config.num_blocks, (spans or {}).values())
+    return choose_span(total_blocks, config.num_blocks, _spans(servers or {}).values())
 
 
-async def _swarm_spans(dht: SwarmDHT, model: str, total_blocks: int) -> dict[str, SpanInfo] | None:
-    """Peer id -> (start, end, throughput) of every JOINING or ONLINE server, from its newest entry; None if
-    the swarm could not be read in time. A server that has not measured its throughput yet counts as the
-    mean of the others."""
+async def _live_servers(dht: SwarmDHT, model: str, total_blocks: int) -> dict[str, ServerEntry] | None:
+    """Peer id -> entry of every JOINING or ONLINE server (`current_entries`); None if the swarm could not be
+    read in time."""
     with trio.move_on_after(SWARM_READ_TIMEOUT):
         try:
-            found = await dht.get_servers(model, range(total_blocks))
+            return current_entries(await dht.get_servers(model, range(total_blocks)))
         except Exception as e:  # a read failure skips one decision, it does not stop the node
             log.warning("reading the swarm failed: %r", e)
             return None
-        newest: dict[str, ServerEntry] = {}
-        for entries in found.values():
-            for peer, entry in entries.items():
-                if peer not in newest or entry.updated_at > newest[peer].updated_at:
-                    newest[peer] = entry  # a server that moved still has its old entry under its old blocks
-        live = {peer: entry for peer, entry in newest.items() if entry.state != ServerState.OFFLINE}
-        known = [entry.throughput for entry in live.values() if entry.throughput > 0]
-        unknown = sum(known) / len(known) if known else 1.0
-        return {peer: (e.start, e.end, e.throughput or unknown) for peer, e in live.items()}
     log.warning("reading the swarm took over %.0f s", SWARM_READ_TIMEOUT)
     return None
+
+
+def current_entries(found: dict[int, dict[str, ServerEntry]]) -> dict[str, ServerEntry]:
+    """Peer id -> the entry that places each JOINING or ONLINE server, from the entries found per block.
+
+    A server's entry is its newest one that is not OFFLINE, unless a newer OFFLINE entry has the same span
+    (it left). A server that moved has OFFLINE entries under the blocks it left and JOINING or ONLINE ones
+    under its new blocks, and keeps its new place whichever of the two was announced first."""
+    by_peer: dict[str, list[ServerEntry]] = {}
+    for entries in found.values():
+        for peer, entry in entries.items():
+            by_peer.setdefault(peer, []).append(entry)
+    current = {}
+    for peer, entries in by_peer.items():
+        serving = [e for e in entries if e.state != ServerState.OFFLINE]
+        if not serving:
+            continue
+        latest = max(serving, key=lambda e: e.updated_at)
+        left = [e for e in entries if e.state == ServerState.OFFLINE and (e.start, e.end) == (latest.start, latest.end)]
+        if all(e.updated_at < latest.updated_at for e in left):
+            current[peer] = latest
+    return current
+
+
+def _spans(servers: dict[str, ServerEntry]) -> dict[str, SpanInfo]:
+    """Peer id -> (start, end, throughput); a server that has not measured its throughput yet counts as the
+    mean of the others."""
+    known = [e.throughput for e in servers.values() if e.throughput > 0]
+    unknown = sum(known) / len(known) if known else 1.0
+    return {peer: (e.start, e.end, e.throughput or unknown) for peer, e in servers.items()}
 
 
 async def _keep_balanced(
     scope: trio.CancelScope, config: NodeConfig, announcer: _Announcer, server: SpanServer, model_dir: Path
 ) -> None:
     """Every balance_period (x 0.5-1.5, so servers do not check in lockstep) read the swarm, and move this
-    server's span where `should_move` says the swarm needs it."""
+    server's span where `should_move` says the swarm needs it. So that servers do not all rush to the same
+    gap: while another server is JOINING the swarm is about to change, and the check waits for the next
+    period; and of k servers that could move to overlapping blocks, each moves with probability 1/k."""
+    me = announcer.entry.peer_id
     with scope:
         while True:
             await trio.sleep(config.balance_period * random.uniform(0.5, 1.5))
-            spans = await _swarm_spans(announcer.dht, announcer.model, announcer.total_blocks)
-            if spans is None:
+            started = trio.current_time()
+            servers = await _live_servers(announcer.dht, announcer.model, announcer.total_blocks)
+            if servers is None:
                 continue
-            me = announcer.entry.peer_id
+            log.debug("balance check: read %d servers in %.1f s", len(servers), trio.current_time() - started)
+            joining = [peer for peer, e in servers.items() if e.state == ServerState.JOINING and peer != me]
+            if joining:
+                log.debug("balance check skipped: %d servers are joining", len(joining))
+                continue
+            spans = _spans(servers)
             spans[me] = (server.span.start, server.span.end, server.throughput)  # ours as it is, not as announced
             target = should_move(announcer.total_blocks, me, spans, config.balance_quality)
             if target is None:
                 log.debug("balance check: staying on blocks %d:%d", server.span.start, server.span.end)
-            else:
-                await _move(target, config, announcer, server, model_dir)
+                continue
+            heading = move_candidates(announcer.total_blocks, spans).values()
+            rivals = sum(start < target[1] and target[0] < end for start, end in heading)  # this server included
+            if random.random() * rivals >= 1:
+                log.info(
+                    "balance check: %d servers could move to blocks %d:%d; leaving it to the others", rivals, *target
+                )
+                continue
+            await _move(target, config, announcer, server, model_dir)
 
 
 async def _move(
     target: tuple[int, int], config: NodeConfig, announcer: _Announcer, server: SpanServer, model_dir: Path
 ) -> None:
-    """Serve `target` instead of the current span: leave the old one (OFFLINE, drain), claim the new one
-    (JOINING), load it, swap it in, announce ONLINE. If the load fails, serve the old span again."""
+    """Serve `target` instead of the current span: claim the new blocks (JOINING) and leave the old ones
+    (OFFLINE, refusing new sessions) at once, drain, load the new blocks, swap them in, announce ONLINE.
+    If the load fails, serve the old span again."""
     (old_start, old_end), (start, end) = (server.span.start, server.span.end), target
     log.info("moving from blocks %d:%d to %d:%d: the swarm's weakest blocks gain", old_start, old_end, start, end)
-    log.info("announcing OFFLINE for blocks %d:%d, refusing new sessions", old_start, old_end)
     server.state = "OFFLINE"
-    await announcer.publish(state=ServerState.OFFLINE)
-    # claimed at once, not after the drain: servers checking meanwhile count this one there, not in the gap
-    log.info("announcing JOINING for blocks %d:%d", start, end)
-    await announcer.publish(state=ServerState.JOINING, start=start, end=end)
+    # both at once: the sooner others see the claim, the fewer of them pick the same blocks
+    log.info("announcing JOINING for blocks %d:%d and OFFLINE for blocks %d:%d", start, end, old_start, old_end)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(functools.partial(announcer.publish, state=ServerState.JOINING, start=start, end=end))
+        nursery.start_soon(announcer.retract, old_start, old_end)
+    log.info("draining the sessions open on blocks %d:%d", old_start, old_end)
     await _drain(server, config.drain_timeout)
     try:
-        span = await _load_span(model_dir, start, end, config.quant)
+        span = await _load_span(model_dir, start, end, config)
     except Exception:  # e.g. out of memory: what is loaded still works
         log.exception("loading blocks %d:%d failed; serving blocks %d:%d again", start, end, old_start, old_end)
     else:
@@ -226,10 +279,12 @@ async def _move(
     log.info("serving blocks %d:%d of %s at %.1f blocks*steps/s", start, end, announcer.model, server.throughput)
 
 
-async def _load_span(model_dir: Path, start: int, end: int, quant: str) -> Span:
-    log.info("loading blocks %d:%d of %s (%s)", start, end, model_dir.name, quant)
+async def _load_span(model_dir: Path, start: int, end: int, config: NodeConfig) -> Span:
+    """Blocks [start, end), quantized as configured, with the configured LoRA adapters (loaded for those blocks)."""
+    log.info("loading blocks %d:%d of %s (%s)", start, end, model_dir.name, config.quant)
+    load = functools.partial(Span.load, model_dir, start, end, config.quant, config.adapter_paths())
     # abandoned on cancel: a node stopping mid-load exits without waiting for the read to finish
-    return await trio.to_thread.run_sync(Span.load, model_dir, start, end, quant, abandon_on_cancel=True)
+    return await trio.to_thread.run_sync(load, abandon_on_cancel=True)
 
 
 async def _drain(server: SpanServer, timeout: float) -> None:
@@ -246,6 +301,7 @@ def _serving_options(config: NodeConfig, model: str) -> ServingOptions:
         model=model,
         max_cache_tokens=config.max_cache_tokens,
         max_batch_size=config.max_batch_size,
+        max_forward_tokens=config.max_forward_tokens,
         step_timeout=config.step_timeout,
         session_timeout=config.session_timeout,
         version=petald.__version__,

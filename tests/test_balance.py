@@ -114,3 +114,38 @@ def test_settle_stops_and_keeps_every_span_length(peers):
     settled = settle(30, spans)
     assert {peer: end - start for peer, (start, end, _) in settled.items()} == {peer: 10 for peer in spans}
     assert settle(30, settled) == settled  # a settled swarm is a fixed point
+
+
+def entry(peer: str, state: str, start: int, end: int, updated_at: float):
+    from petald.p2p.dht import ServerEntry, ServerState
+
+    return ServerEntry(peer, ServerState(state), start, end, 100.0, [], 0, "none", "", updated_at=updated_at)
+
+
+def announced(*entries) -> dict[int, dict[str, object]]:
+    """What get_servers finds: per block, one entry per peer (the one stored under that block's key)."""
+    found: dict[int, dict[str, object]] = {block: {} for block in range(30)}
+    for e in entries:
+        for block in range(e.start, e.end):
+            found[block][e.peer_id] = e
+    return found
+
+
+def test_a_moving_server_is_placed_at_its_new_blocks_whichever_announcement_came_first():
+    from petald.node import current_entries
+
+    for claimed_at, left_at in ((2.0, 3.0), (3.0, 2.0)):
+        found = announced(entry("m", "OFFLINE", 0, 10, left_at), entry("m", "JOINING", 10, 20, claimed_at))
+        assert {p: (e.state, e.start) for p, e in current_entries(found).items()} == {"m": ("JOINING", 10)}
+    # a write of the OFFLINE entry was lost under one block: the stale ONLINE one there is older than the claim
+    found = announced(entry("m", "OFFLINE", 0, 10, 3.0), entry("m", "JOINING", 10, 20, 2.0))
+    found[5]["m"] = entry("m", "ONLINE", 0, 10, 1.0)
+    assert current_entries(found)["m"].start == 10
+
+
+def test_a_server_that_left_is_not_placed_anywhere():
+    from petald.node import current_entries
+
+    found = announced(entry("a", "OFFLINE", 0, 10, 5.0), entry("b", "ONLINE", 10, 20, 1.0))
+    found[3]["a"] = entry("a", "ONLINE", 0, 10, 4.0)  # a stale copy under one block
+    assert list(current_entries(found)) == ["b"]

@@ -106,6 +106,14 @@ def test_span_out_of_range_is_a_clear_error(tiny_llama):
             Span.load(tiny_llama, start, end)
 
 
+def test_a_session_cannot_run_on_a_span_it_was_not_opened_on(tiny_llama):
+    # a server that moved swaps its span; a session still open on the old one must fail, not run other blocks
+    old, new = Span.load(tiny_llama, 0, 3), Span.load(tiny_llama, 3, 6)
+    session = old.new_session(1, 8)
+    with pytest.raises(SpanError, match="opened on blocks 0:3, and this server now serves 3:6"):
+        new.step(session, torch.zeros(1, 1, new.hidden_size))
+
+
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="has no config.json"):
         Span.load(tmp_path / "nowhere", 0, 1)

@@ -20,8 +20,12 @@ from libp2p.io.exceptions import IOException
 
 from petald.p2p.host import connect, open_host
 from petald.p2p.wire import (
+    BackwardRequest,
+    BackwardResult,
     CloseSession,
     ErrorReply,
+    ForwardRequest,
+    ForwardResult,
     InfoRequest,
     Limits,
     Message,
@@ -34,7 +38,7 @@ from petald.p2p.wire import (
     read_message,
     write_message,
 )
-from petald.serving.handlers import INFERENCE_PROTOCOL, INFO_PROTOCOL
+from petald.serving.handlers import BACKWARD_PROTOCOL, FORWARD_PROTOCOL, INFERENCE_PROTOCOL, INFO_PROTOCOL
 from tests.swarm_processes import NodeProcess, local_swarm
 
 BLOCKS = 6
@@ -461,5 +465,91 @@ def test_abuse_on_other_streams_leaves_a_session_untouched(node, model_name):
         for step_id, (hidden, output) in enumerate(zip(inputs, victim_outputs, strict=True)):
             torch.testing.assert_close(output, await step(reference, step_id, hidden))
         await close_session(reference)
+
+    run_case(node, model_name, case)
+
+
+# ---------------------------------------------------------------- forward and backward (training) requests
+
+
+def backward_request(served_model: str, **changes) -> BackwardRequest:
+    """A valid backward request for blocks 1:4, batch 2 x 5 tokens with a 2-token deep prompt; `changes` spoil it."""
+    fields = dict(
+        model=served_model,
+        start=1,
+        end=4,
+        hidden=hidden_states(5, seed=1, batch=2),
+        attention_mask=torch.tensor([[1] * 5, [0, 1, 1, 1, 1]]),
+        prompts=torch.randn(3, 1, 2, HIDDEN) * 0.1,
+        grad_output=hidden_states(5, seed=2, batch=2),
+    )
+    return BackwardRequest(**{**fields, **changes})
+
+
+async def backward(host, peer, message: Message | bytes):
+    stream = await new_stream(host, peer, BACKWARD_PROTOCOL)
+    await send(stream, message)
+    return stream
+
+
+def test_a_valid_backward_request_gets_gradients(node, model_name):
+    async def case(host, peer):
+        request = backward_request(model_name)
+        stream = await backward(host, peer, request)
+        reply = await receive(stream)
+        assert isinstance(reply, BackwardResult), reply
+        assert reply.grad_hidden.shape == request.hidden.shape and reply.grad_prompts.shape == request.prompts.shape
+        assert torch.isfinite(reply.grad_hidden).all() and reply.grad_hidden.abs().sum() > 0
+        await expect_closed(stream)
+
+    run_case(node, model_name, case)
+
+
+@pytest.mark.parametrize(
+    "changes, code, reason",
+    [
+        ({"grad_output": hidden_states(4, seed=2, batch=2)}, "bad_shape", "grad_output has shape"),
+        ({"grad_output": hidden_states(5, seed=2, batch=1)}, "bad_shape", "grad_output has shape"),
+        ({"prompts": torch.zeros(2, 1, 2, HIDDEN)}, "bad_shape", "prompts must be"),  # 2 blocks' prompts for 3
+        ({"prompts": torch.zeros(3, 1, 9, HIDDEN)}, "bad_shape", "prompts must be"),  # longer than the sequence
+        (
+            {"hidden": torch.zeros(2, 5, HIDDEN + 1), "grad_output": torch.zeros(2, 5, HIDDEN + 1), "prompts": None},
+            "bad_shape",
+            "hidden states have size",
+        ),
+        ({"grad_output": torch.full((2, 5, HIDDEN), float("nan"))}, "bad_value", "grad_output holds NaN"),
+        ({"start": 4, "end": 9, "prompts": None}, "wrong_span", "not served here"),
+        ({"model": "another-model"}, "wrong_model", "serves"),
+        ({"adapter": "no-such-adapter"}, "no_adapter", "no-such-adapter"),
+        ({"hidden": torch.zeros(2, 40000, HIDDEN), "grad_output": None}, "too_large", "per request"),
+    ],
+)
+def test_malformed_backward_requests_get_clear_errors(node, model_name, changes, code, reason):
+    async def case(host, peer):
+        message = backward_request(model_name, **changes)
+        if changes.get("grad_output", 0) is None:
+            body = message.to_wire()  # grad_output left out: the size check comes first
+            stream = await backward(host, peer, frame(body))
+        else:
+            stream = await backward(host, peer, message)
+        reply = await expect_error(stream, code)
+        assert reason in reply.reason, reply.reason
+
+    run_case(node, model_name, case)
+
+
+def test_a_backward_request_without_gradients_and_a_forward_on_the_backward_protocol_are_refused(node, model_name):
+    async def case(host, peer):
+        body = backward_request(model_name).to_wire()
+        del body["grad_output"]
+        stream = await backward(host, peer, frame(body))
+        await expect_error(stream, "bad_request")
+        forward = ForwardRequest(model_name, 0, BLOCKS, hidden_states(3, seed=4))
+        stream = await backward(host, peer, forward)
+        await expect_error(stream, "unexpected")
+        stream = await new_stream(host, peer, FORWARD_PROTOCOL)
+        await send(stream, forward)
+        reply = await receive(stream)
+        assert isinstance(reply, ForwardResult) and reply.hidden.shape == forward.hidden.shape
 
     run_case(node, model_name, case)

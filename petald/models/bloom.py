@@ -11,6 +11,8 @@ from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.models.bloom.modeling_bloom import BloomBlock, build_alibi_tensor
 
+from petald.models.prompts import add_prompt
+
 MODEL_TYPES = ("bloom",)
 
 
@@ -43,8 +45,11 @@ class BloomSpan(nn.Module):
         attention_mask: torch.Tensor,
         cache: DynamicCache | None = None,
         layers: slice = slice(None),
+        prompts: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Run `layers` of the span on `hidden` [B, T, H]; `attention_mask` [B, past + T] covers cached tokens too."""
+        """Run `layers` of the span on `hidden` [B, T, H]; `attention_mask` [B, past + T] covers cached tokens too.
+
+        `prompts` [layers, B or 1, P, H] (deep prompt tuning) is added to the first P positions before each layer."""
         first = range(len(self.h))[layers][0]
         alibi = build_alibi_tensor(attention_mask, self.config.n_head, dtype=hidden.dtype)
         mask = create_causal_mask(
@@ -54,7 +59,8 @@ class BloomSpan(nn.Module):
             past_key_values=cache,
             layer_idx=first,
         )
-        for block in self.h[layers]:
+        for index, block in enumerate(self.h[layers]):
+            hidden = add_prompt(hidden, prompts, index)
             hidden = block(hidden, alibi, mask, layer_past=cache, use_cache=cache is not None)[0]
         return hidden
 
@@ -82,6 +88,9 @@ class BloomClientParts(nn.Module):
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.word_embeddings_layernorm(self.word_embeddings(input_ids))
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.ln_f(hidden)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.ln_f(hidden))

@@ -11,6 +11,8 @@ from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
+from petald.models.prompts import add_prompt
+
 MODEL_TYPES = ("llama", "mistral")
 
 
@@ -59,9 +61,11 @@ class LlamaSpan(nn.Module):
         attention_mask: torch.Tensor,
         cache: DynamicCache | None = None,
         layers: slice = slice(None),
+        prompts: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run `layers` of the span on `hidden` [B, T, H]; `attention_mask` [B, past + T] covers cached tokens too.
 
+        `prompts` [layers, B or 1, P, H] (deep prompt tuning) is added to the first P positions before each layer.
         The cache is indexed by local layer number, so a sub-range sizes its mask by its own first layer."""
         length = hidden.shape[1]
         first = range(len(self.layers))[layers][0]
@@ -75,7 +79,8 @@ class LlamaSpan(nn.Module):
             layer_idx=first,
         )
         position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)
-        for layer in self.layers[layers]:
+        for index, layer in enumerate(self.layers[layers]):
+            hidden = add_prompt(hidden, prompts, index)
             hidden = layer(
                 hidden,
                 attention_mask=mask,
@@ -107,6 +112,9 @@ class LlamaClientParts(nn.Module):
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.norm(hidden)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(hidden))

@@ -121,6 +121,33 @@ def _str_list(msg: dict, key: str, max_items: int = 64) -> list[str]:
     return [v for v in value if 0 < len(v) <= MAX_NAME_LENGTH]
 
 
+def _hidden_states(msg: dict, key: str, limits: Limits) -> torch.Tensor:
+    """A float tensor [batch, tokens, hidden]."""
+    hidden = unpack_tensor(msg.get(key), key, limits.max_tensor_bytes)
+    if hidden.ndim != 3 or not hidden.is_floating_point():
+        raise ProtocolError(
+            f"{key} must be a float tensor [batch, tokens, hidden], got {hidden.dtype} {list(hidden.shape)}",
+            "bad_shape",
+        )
+    return hidden
+
+
+def _attention_mask(msg: dict, hidden: torch.Tensor, limits: Limits) -> torch.Tensor | None:
+    """The optional padding mask [batch, tokens] of `hidden`: integers, 1 = real token, 0 = padding."""
+    if msg.get("attention_mask") is None:
+        return None
+    mask = unpack_tensor(msg["attention_mask"], "attention_mask", limits.max_tensor_bytes)
+    if mask.is_floating_point() or list(mask.shape) != list(hidden.shape[:2]):
+        raise ProtocolError(
+            f"attention_mask must be an integer tensor of shape {list(hidden.shape[:2])}, "
+            f"got {mask.dtype} {list(mask.shape)}",
+            "bad_shape",
+        )
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise ProtocolError("attention_mask must hold only 0 and 1", "bad_shape")
+    return mask
+
+
 # ---------------------------------------------------------------- messages
 
 MESSAGE_TYPES: dict[str, type[Message]] = {}
@@ -155,6 +182,7 @@ class Limits:
     max_tensor_bytes: int = MAX_FRAME_BYTES
     max_batch_size: int = 256
     max_length: int = 1 << 20
+    max_forward_tokens: int = 1 << 16  # batch x tokens of one forward or backward request
 
 
 @dataclass
@@ -168,6 +196,7 @@ class OpenSession(Message):
     batch_size: int
     max_length: int
     session_id: str
+    adapter: str | None = None  # a LoRA adapter the server serves (None: the base weights)
 
     @classmethod
     def from_wire(cls, msg, limits):
@@ -178,6 +207,7 @@ class OpenSession(Message):
             batch_size=_int(msg, "batch_size", 1, limits.max_batch_size),
             max_length=_int(msg, "max_length", 1, limits.max_length),
             session_id=_str(msg, "session_id", 64),
+            adapter=_str(msg, "adapter", optional=True),
         )
 
 
@@ -212,23 +242,8 @@ class Step(Message):
 
     @classmethod
     def from_wire(cls, msg, limits):
-        hidden = unpack_tensor(msg.get("hidden"), "hidden", limits.max_tensor_bytes)
-        if hidden.ndim != 3 or not hidden.is_floating_point():
-            raise ProtocolError(
-                f"hidden must be a float tensor [batch, tokens, hidden], got {hidden.dtype} {list(hidden.shape)}",
-                "bad_shape",
-            )
-        mask = None
-        if msg.get("attention_mask") is not None:
-            mask = unpack_tensor(msg["attention_mask"], "attention_mask", limits.max_tensor_bytes)
-            if mask.is_floating_point() or list(mask.shape) != list(hidden.shape[:2]):
-                raise ProtocolError(
-                    f"attention_mask must be an integer tensor of shape {list(hidden.shape[:2])}, "
-                    f"got {mask.dtype} {list(mask.shape)}",
-                    "bad_shape",
-                )
-            if not bool(((mask == 0) | (mask == 1)).all()):
-                raise ProtocolError("attention_mask must hold only 0 and 1", "bad_shape")
+        hidden = _hidden_states(msg, "hidden", limits)
+        mask = _attention_mask(msg, hidden, limits)
         push_to = msg.get("push_to") or []
         if not isinstance(push_to, list) or len(push_to) > MAX_PUSH_HOPS:
             raise ProtocolError(f"push_to must be a list of at most {MAX_PUSH_HOPS} hops")
@@ -304,6 +319,117 @@ class CloseSession(Message):
     @classmethod
     def from_wire(cls, msg, limits):
         return cls()
+
+
+@dataclass
+class ForwardRequest(Message):
+    """Client -> server: run hidden states [B, T, H] through blocks [start, end), no cache kept.
+
+    `prompts` [end - start, B or 1, P, H] are deep prompts added to the first P positions before each block;
+    `adapter` names a LoRA adapter the server serves (None: the base weights)."""
+
+    TYPE: ClassVar[str] = "forward"
+    model: str
+    start: int
+    end: int
+    hidden: torch.Tensor
+    attention_mask: torch.Tensor | None = None
+    prompts: torch.Tensor | None = None
+    adapter: str | None = None
+
+    @classmethod
+    def from_wire(cls, msg, limits):
+        return cls(**cls._fields_from_wire(msg, limits))
+
+    @classmethod
+    def _fields_from_wire(cls, msg: dict, limits: Limits) -> dict[str, Any]:
+        start, end = _int(msg, "start", 0, 1 << 20), _int(msg, "end", 1, 1 << 20)
+        if end <= start:
+            raise ProtocolError(f"blocks {start}:{end} are an empty range", "wrong_span")
+        hidden = _hidden_states(msg, "hidden", limits)
+        batch, length, hidden_size = hidden.shape
+        if batch == 0 or length == 0:
+            raise ProtocolError(f"hidden has an empty shape {list(hidden.shape)}", "bad_shape")
+        if batch * length > limits.max_forward_tokens:
+            raise ProtocolError(
+                f"{batch} x {length} tokens are over this server's limit of {limits.max_forward_tokens} per request",
+                "too_large",
+            )
+        prompts = None
+        if msg.get("prompts") is not None:
+            prompts = unpack_tensor(msg["prompts"], "prompts", limits.max_tensor_bytes)
+            shape = list(prompts.shape)
+            if (
+                not prompts.is_floating_point()
+                or prompts.ndim != 4
+                or shape[0] != end - start
+                or shape[1] not in (1, batch)
+                or not 0 < shape[2] <= length
+                or shape[3] != hidden_size
+            ):
+                raise ProtocolError(
+                    f"prompts must be a float tensor [blocks {end - start}, batch {batch} or 1, prefix <= {length}, "
+                    f"hidden {hidden_size}], got {prompts.dtype} {shape}",
+                    "bad_shape",
+                )
+        return dict(
+            model=_str(msg, "model"),
+            start=start,
+            end=end,
+            hidden=hidden,
+            attention_mask=_attention_mask(msg, hidden, limits),
+            prompts=prompts,
+            adapter=_str(msg, "adapter", optional=True),
+        )
+
+
+@dataclass
+class ForwardResult(Message):
+    """Server -> client: the output hidden states of a forward request."""
+
+    TYPE: ClassVar[str] = "forward_result"
+    hidden: torch.Tensor
+
+    @classmethod
+    def from_wire(cls, msg, limits):
+        return cls(_hidden_states(msg, "hidden", limits))
+
+
+@dataclass
+class BackwardRequest(ForwardRequest):
+    """Client -> server: the inputs of a forward request again, with the gradient of the loss w.r.t. its
+    output; the server recomputes the forward pass and returns the gradients w.r.t. the inputs."""
+
+    TYPE: ClassVar[str] = "backward"
+    grad_output: torch.Tensor | None = None  # required; a default only because the fields before it have one
+
+    @classmethod
+    def from_wire(cls, msg, limits):
+        fields = cls._fields_from_wire(msg, limits)
+        grad_output = _hidden_states(msg, "grad_output", limits)
+        if grad_output.shape != fields["hidden"].shape:
+            raise ProtocolError(
+                f"grad_output has shape {list(grad_output.shape)}, the hidden states it belongs to have "
+                f"{list(fields['hidden'].shape)}",
+                "bad_shape",
+            )
+        return cls(**fields, grad_output=grad_output)
+
+
+@dataclass
+class BackwardResult(Message):
+    """Server -> client: gradients w.r.t. the hidden states and (if any were sent) the deep prompts."""
+
+    TYPE: ClassVar[str] = "backward_result"
+    grad_hidden: torch.Tensor
+    grad_prompts: torch.Tensor | None = None
+
+    @classmethod
+    def from_wire(cls, msg, limits):
+        grad_prompts = None
+        if msg.get("grad_prompts") is not None:
+            grad_prompts = unpack_tensor(msg["grad_prompts"], "grad_prompts", limits.max_tensor_bytes)
+        return cls(_hidden_states(msg, "grad_hidden", limits), grad_prompts)
 
 
 @dataclass

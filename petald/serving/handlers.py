@@ -13,9 +13,14 @@ from dataclasses import dataclass, field
 import torch
 import trio
 
+from petald.errors import AdapterError
 from petald.p2p.wire import (
+    BackwardRequest,
+    BackwardResult,
     CloseSession,
     ErrorReply,
+    ForwardRequest,
+    ForwardResult,
     InfoRequest,
     Limits,
     OpenSession,
@@ -36,6 +41,8 @@ log = logging.getLogger(__name__)
 INFERENCE_PROTOCOL = "/petal/inference/1.0.0"
 INFO_PROTOCOL = "/petal/info/1.0.0"
 PUSH_PROTOCOL = "/petal/push/1.0.0"
+FORWARD_PROTOCOL = "/petal/forward/1.0.0"
+BACKWARD_PROTOCOL = "/petal/backward/1.0.0"
 WRITE_TIMEOUT = 30.0
 PUSH_TIMEOUT = 5.0
 INBOX_SIZE = 16
@@ -47,6 +54,7 @@ class ServingOptions:
     max_cache_tokens: int = 16384
     max_batch_size: int = 64
     max_tensor_bytes: int = 128 * 2**20
+    max_forward_tokens: int = 16384  # batch x tokens of one forward or backward request
     step_timeout: float = 300.0  # longest wait for a session's next step
     session_timeout: float = 1800.0  # longest life of one session
     version: str = ""
@@ -89,7 +97,11 @@ class SpanServer:
         self.open_push_stream = _no_push  # set by the node: opens a PUSH_PROTOCOL stream to a NextHop
         # max_length stays the protocol's own bound: the budget check answers a too-long session with
         # "cache_full" and the room left, which a client can act on
-        self.limits = Limits(max_tensor_bytes=options.max_tensor_bytes, max_batch_size=options.max_batch_size)
+        self.limits = Limits(
+            max_tensor_bytes=options.max_tensor_bytes,
+            max_batch_size=options.max_batch_size,
+            max_forward_tokens=options.max_forward_tokens,
+        )
 
     @property
     def accepting(self) -> bool:
@@ -105,6 +117,7 @@ class SpanServer:
             cache_tokens_left=self.budget.tokens_left,
             quant=self.span.quant,
             version=self.options.version,
+            adapters=list(self.span.adapters),
         )
 
     async def handle_info(self, stream) -> None:
@@ -170,8 +183,11 @@ class SpanServer:
             )
         key = (request.session_id, request.start)
         budget_id = f"{request.session_id}/{uuid.uuid4().hex[:8]}"
+        self._check_adapter(request.adapter)
         self.budget.reserve(budget_id, request.batch_size * request.max_length)
-        span_session = self.span.new_session(request.batch_size, request.max_length, request.start, request.end)
+        span_session = self.span.new_session(
+            request.batch_size, request.max_length, request.start, request.end, request.adapter
+        )
         session = LiveSession(key, budget_id, request, span_session, stream)
         self.live[key] = session  # a reopened session takes over the pushes addressed to it
         return session
@@ -257,6 +273,62 @@ class SpanServer:
         finally:
             await _close(stream)
 
+    async def handle_forward(self, stream) -> None:
+        """One stateless forward request (training, or a forward pass without a cache): request in, result out."""
+        await self._handle_stateless(stream, ForwardRequest)
+
+    async def handle_backward(self, stream) -> None:
+        """One stateless backward request: the forward pass is recomputed, gradients w.r.t. the inputs go back."""
+        await self._handle_stateless(stream, BackwardRequest)
+
+    async def _handle_stateless(self, stream, kind: type[ForwardRequest]) -> None:
+        try:
+            with trio.fail_after(self.options.step_timeout):
+                request = await read_message(stream, self.limits, expect=(kind,))
+            if isinstance(request, ErrorReply):
+                raise ProtocolError(f"expected a {kind.TYPE!r} message here, got an error", "unexpected")
+            span = self.span  # a server that moves swaps its span; this request runs on the one it was checked on
+            layers = self._check_stateless(request, span)
+            reply = await trio.to_thread.run_sync(_compute, span, request, layers, limiter=self.compute)
+            with trio.fail_after(WRITE_TIMEOUT):
+                await write_message(stream, reply)
+        except ProtocolError as e:
+            await _send_error(stream, e.code, str(e))
+        except trio.TooSlowError:
+            await _send_error(stream, "timeout", f"no request within {self.options.step_timeout} s")
+        except Exception as e:  # a peer's failure (EOF, reset) or bad data ends only its own request
+            log.debug("%s request ended: %r", kind.TYPE, e)
+        finally:
+            await _close(stream)
+
+    def _check_stateless(self, request: ForwardRequest, span: Span) -> slice:
+        """The span's local layers for the request's blocks, after checking everything the wire cannot."""
+        if not self.accepting:
+            raise ProtocolError(f"this server is {self.state.lower()} and takes no new requests", "unavailable")
+        if request.model != self.options.model:
+            raise ProtocolError(f"this server serves {self.options.model}, not {request.model}", "wrong_model")
+        if not span.start <= request.start < request.end <= span.end:
+            raise ProtocolError(
+                f"blocks {request.start}:{request.end} are not served here (this server has {span.start}:{span.end})",
+                "wrong_span",
+            )
+        if request.hidden.shape[2] != span.hidden_size:
+            raise ProtocolError(
+                f"hidden states have size {request.hidden.shape[2]}, this model's are {span.hidden_size}", "bad_shape"
+            )
+        self._check_adapter(request.adapter)
+        for name in ("hidden", "prompts", "grad_output"):
+            value = getattr(request, name, None)
+            if value is not None and not torch.isfinite(value).all():
+                raise ProtocolError(f"{name} holds NaN or infinity", "bad_value")
+        return slice(request.start - span.start, request.end - span.start)
+
+    def _check_adapter(self, name: str | None) -> None:
+        try:
+            self.span.check_adapter(name)
+        except AdapterError as e:
+            raise ProtocolError(str(e), "no_adapter") from e
+
     def _check_step(self, step: Step, request: OpenSession, span_session, last_step: int) -> None:
         batch, length, hidden_size = step.hidden.shape
         if step.step <= last_step:
@@ -275,6 +347,20 @@ class SpanServer:
             )
         if not torch.isfinite(step.hidden).all():
             raise ProtocolError("hidden holds NaN or infinity", "bad_value")
+
+
+def _compute(span: Span, request: ForwardRequest, layers: slice) -> ForwardResult | BackwardResult:
+    """The answer to a checked forward or backward request (torch work: runs in a worker thread)."""
+    if isinstance(request, BackwardRequest):
+        grad_hidden, grad_prompts = span.backward(
+            request.hidden, request.grad_output, request.attention_mask, layers, request.prompts, request.adapter
+        )
+        if grad_prompts is not None:
+            grad_prompts = grad_prompts.to(request.prompts.dtype)
+        return BackwardResult(grad_hidden.to(request.hidden.dtype), grad_prompts)
+    with torch.no_grad():
+        output = span.forward(request.hidden, request.attention_mask, layers, request.prompts, request.adapter)
+    return ForwardResult(output.to(request.hidden.dtype))
 
 
 async def _send_error(target, code: str, reason: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from transformers.cache_utils import DynamicCache
 
 from petald.errors import PetalError, SpanError
 from petald.models.loading import load_span_module
+from petald.serving.adapters import active_adapter, attach_adapters, load_lora_adapter, served_adapters
 
 QUANT_TYPES = ("none", "int8", "nf4")
 
@@ -26,6 +28,7 @@ class SpanSession:
     max_length: int
     layers: slice  # the local layers this session runs: blocks [start, end) of the model
     span_blocks: tuple[int, int]  # the span it was opened on: a server that moved must not run it on others
+    adapter: str | None = None  # the LoRA adapter of every step (its cache is valid for that adapter only)
 
     @property
     def batch_size(self) -> int:
@@ -47,15 +50,32 @@ class Span:
         self.quant = quant
 
     @classmethod
-    def load(cls, model_dir: Path, start: int, end: int, quant: str = "none") -> Span:
-        """Read only blocks [start, end) of `model_dir`; quantize their Linear layers if `quant` says so."""
+    def load(
+        cls, model_dir: Path, start: int, end: int, quant: str = "none", adapters: Mapping[str, Path] | None = None
+    ) -> Span:
+        """Read only blocks [start, end) of `model_dir`; quantize their Linear layers if `quant` says so; serve
+        the LoRA `adapters` (name -> peft adapter directory) on them."""
         if quant not in QUANT_TYPES:
             raise PetalError(f"unknown quantization {quant!r}: use one of {', '.join(QUANT_TYPES)}")
         module, config = load_span_module(model_dir, start, end)
         if quant != "none":
             quantize_linears(module, quant)
+        if adapters:
+            attach_adapters(
+                module, {name: load_lora_adapter(path, config, start, end) for name, path in adapters.items()}
+            )
         module.requires_grad_(False)
         return cls(module, config, start, end, quant)
+
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        """The names of the LoRA adapters served on this span."""
+        return served_adapters(self.module)
+
+    def check_adapter(self, name: str | None) -> None:
+        """AdapterError unless `name` is None or an adapter served here."""
+        with active_adapter(self.module, name):
+            pass
 
     @property
     def hidden_size(self) -> int:
@@ -66,16 +86,22 @@ class Span:
         return self.end - self.start
 
     def new_session(
-        self, batch_size: int, max_length: int, start: int | None = None, end: int | None = None
+        self,
+        batch_size: int,
+        max_length: int,
+        start: int | None = None,
+        end: int | None = None,
+        adapter: str | None = None,
     ) -> SpanSession:
-        """A fresh cache for blocks [start, end) of this span (default: all of it)."""
+        """A fresh cache for blocks [start, end) of this span (default: all of it), run with LoRA `adapter`."""
+        self.check_adapter(adapter)
         start = self.start if start is None else start
         end = self.end if end is None else end
         if not self.start <= start < end <= self.end:
             raise SpanError(f"blocks {start}:{end} are not inside this span, {self.start}:{self.end}")
         layers = slice(start - self.start, end - self.start)
         mask = torch.ones(batch_size, 0, dtype=torch.long)
-        return SpanSession(self.module.new_cache(), mask, max_length, layers, (self.start, self.end))
+        return SpanSession(self.module.new_cache(), mask, max_length, layers, (self.start, self.end), adapter)
 
     def step(
         self, session: SpanSession, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None
@@ -92,18 +118,48 @@ class Span:
         if attention_mask is None:
             attention_mask = torch.ones(batch, length, dtype=torch.long)
         full_mask = torch.cat([session.attention_mask, attention_mask.long()], dim=1)
-        with torch.inference_mode():
+        with torch.inference_mode(), active_adapter(self.module, session.adapter):
             output = self.module(hidden.float(), full_mask, session.cache, session.layers)
         session.attention_mask = full_mask
         return output
 
     def forward(
-        self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None, layers: slice = slice(None)
+        self,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        layers: slice = slice(None),
+        prompts: torch.Tensor | None = None,
+        adapter: str | None = None,
     ) -> torch.Tensor:
-        """Run a whole sequence through `layers` of the span with no cache (autograd works through it)."""
+        """Run a whole sequence through `layers` of the span with no cache (autograd works through it).
+
+        `prompts` [layers, B or 1, P, H] are deep prompts, added to the first P positions before each layer;
+        `adapter` names a LoRA adapter served on this span (None: the base weights)."""
         if attention_mask is None:
             attention_mask = torch.ones(hidden.shape[:2], dtype=torch.long)
-        return self.module(hidden.float(), attention_mask.long(), None, layers)
+        with active_adapter(self.module, adapter):
+            return self.module(hidden.float(), attention_mask.long(), None, layers, prompts)
+
+    def backward(
+        self,
+        hidden: torch.Tensor,
+        grad_output: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        layers: slice = slice(None),
+        prompts: torch.Tensor | None = None,
+        adapter: str | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Gradients w.r.t. `hidden` and `prompts` of the forward pass's output, given the gradient w.r.t. that
+        output: the forward pass is recomputed (nothing is kept between requests)."""
+        with torch.enable_grad():
+            inputs = [hidden.detach().float().requires_grad_(True)]
+            if prompts is not None:
+                inputs.append(prompts.detach().float().requires_grad_(True))
+            output = self.forward(
+                inputs[0], attention_mask, layers, inputs[1] if prompts is not None else None, adapter
+            )
+            grads = torch.autograd.grad(output, inputs, grad_output.float())
+        return grads[0], grads[1] if prompts is not None else None
 
 
 def quantize_linears(module: nn.Module, quant: str) -> None:
