@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 START_TIMEOUT = 60.0
 CONNECT_TIMEOUT = 10.0
-REFRESH_PERIOD = 5.0  # seconds between background re-reads of the servers of a model in use
+REFRESH_PERIOD = 5.0  # seconds between background pings of the servers of a model in use
+DHT_READ_PERIOD = 30.0  # seconds between background DHT reads for it (new servers; a read costs far more than pings)
 PING_TIMEOUT = 3.0
 BAN_SECONDS = 15.0
 RTT_SMOOTHING = 0.2  # weight of a new RTT sample in the moving average
@@ -171,16 +172,23 @@ class Swarm:
         return view
 
     async def _keep_fresh(self, model: str, blocks: range, view: SwarmView) -> None:
+        last_read = trio.current_time()
         while True:
             await trio.sleep(self.refresh_period)
+            read_dht = trio.current_time() - last_read >= DHT_READ_PERIOD - self.refresh_period / 2
             try:
-                await self.refresh(model, blocks, view)
+                await self.refresh(model, blocks, view, read_dht)
+                last_read = trio.current_time() if read_dht else last_read
             except Exception as e:  # the next refresh tries again; routing uses the last view meanwhile
                 log.debug("refreshing the view of %s failed: %r", model, e)
 
-    async def refresh(self, model: str, blocks: range, view: SwarmView) -> None:
-        """Read the DHT, then ping every announced server for its state, free cache and RTT."""
-        announced = await self.servers(model, blocks)
+    async def refresh(self, model: str, blocks: range, view: SwarmView, read_dht: bool = True) -> None:
+        """Ping every announced server for its state, free cache and RTT; read who is announced from the DHT
+        first, or (without `read_dht`) take the servers of the last read."""
+        if read_dht:
+            announced = await self.servers(model, blocks)
+        else:
+            announced = {peer_id: status.entry for peer_id, status in view.servers.items()}
         statuses: dict[str, ServerStatus] = {}
 
         async def ping(peer_id: str, entry: ServerEntry) -> None:

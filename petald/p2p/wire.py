@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import struct
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -510,15 +511,24 @@ async def write_message(stream, message: Message) -> None:
     await stream.write(encode_frame(message))
 
 
+READ_CHUNK = 1 << 16
+# stream -> bytes read past the end of its last frame. Reading a frame as one large read instead of a
+# header read and a body read halves the reads, and every Yamux read sends the peer a window update.
+_read_ahead: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 async def read_exactly(stream, size: int) -> bytes:
-    """Exactly `size` bytes from a libp2p stream; EOFError if it ends first."""
-    chunks = bytearray()
-    while len(chunks) < size:
-        chunk = await stream.read(size - len(chunks))
+    """Exactly `size` bytes from a libp2p stream; EOFError if it ends first. Bytes that arrive beyond them
+    are kept for the next read of the same stream (all reads of a stream must go through here)."""
+    buffer = _read_ahead.setdefault(stream, bytearray())  # kept there, so a cancelled read loses nothing
+    while len(buffer) < size:
+        chunk = await stream.read(max(size - len(buffer), READ_CHUNK))
         if not chunk:
-            raise EOFError(f"stream ended after {len(chunks)} of {size} bytes")
-        chunks += chunk
-    return bytes(chunks)
+            raise EOFError(f"stream ended after {len(buffer)} of {size} bytes")
+        buffer += chunk
+    data = bytes(buffer[:size])
+    del buffer[:size]
+    return data
 
 
 async def read_frame(stream, max_bytes: int = MAX_FRAME_BYTES) -> dict:
