@@ -22,7 +22,9 @@ class BlockSession(Protocol):
 
     max_length: int
 
-    def step(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor: ...
+    def step(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None, prompts: torch.Tensor | None = None
+    ) -> torch.Tensor: ...
 
     def close(self) -> None: ...
 

@@ -16,9 +16,13 @@ class LocalSession:
         self.max_length = max_length
         self._steps: list[tuple[Span, SpanSession]] = [(s, s.new_session(batch_size, max_length)) for s in spans]
 
-    def step(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def step(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None, prompts: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        first = self._steps[0][0].start if self._steps else 0
         for span, session in self._steps:
-            hidden = span.step(session, hidden, attention_mask)
+            span_prompts = None if prompts is None else prompts[span.start - first : span.end - first]
+            hidden = span.step(session, hidden, attention_mask, span_prompts)
         return hidden
 
     def close(self) -> None:

@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from transformers import AutoTokenizer, PretrainedConfig
 from transformers.modeling_outputs import CausalLMOutput, SequenceClassifierOutput
 
-from petal_client.generation import BlockSession, Conversation, GenerationError, generate
+from petal_client.generation import BlockSession, Conversation, generate
 from petal_client.local import LocalBlocks
 from petald.models.checkpoints import checkpoint_dir, swarm_model_name
 from petald.models.loading import load_client_parts
@@ -147,11 +147,6 @@ class DistributedModelForCausalLM(nn.Module):
         """Reserve caches for `max_length` tokens; `generate` calls inside continue one conversation."""
         if self._conversation is not None:
             raise RuntimeError("an inference session is already open on this model")
-        if self.prompts is not None and self.prompts.deep is not None:
-            raise GenerationError(
-                "generation with deep_ptune prompts is not supported yet (inference steps carry no per-block "
-                "prompts); train with deep_ptune, generate with ptune or without prompts"
-            )
         if self.prompts is None:
             blocks = self.blocks.inference_session(batch_size, max_length)
         else:
@@ -242,8 +237,8 @@ class DistributedModelForSequenceClassification(DistributedModelForCausalLM):
 
 
 class PrefixedSession:
-    """An inference session whose first step is preceded by trainable prefix embeddings (ptune generation);
-    the prefix's outputs are cut off again."""
+    """An inference session whose first step is preceded by the trainable prefix embeddings (and carries the
+    deep prompts, which act only on the prefix's positions); the prefix's outputs are cut off again."""
 
     prompts: PromptTuning
     max_length: int
@@ -259,7 +254,8 @@ class PrefixedSession:
             attention_mask = torch.ones(hidden.shape[:2], dtype=torch.long)
         hidden, attention_mask = self.prompts.prepend(hidden, attention_mask)
         self.started = True
-        return self.blocks.step(hidden, attention_mask)[:, self.prompts.pre_seq_len :]
+        output = self.blocks.step(hidden, attention_mask, self.prompts.deep)  # deep prompts: first step only
+        return output[:, self.prompts.pre_seq_len :]
 
     def close(self) -> None:
         self.blocks.close()

@@ -86,8 +86,10 @@ class RemoteSpanSession:
             raise ServerFailure(self.hop.peer_id, f"answered step {reply.step} {list(reply.hidden.shape)}")
         return reply
 
-    async def step(self, step_id: int, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        await self.send(Step(step_id, hidden, attention_mask))
+    async def step(
+        self, step_id: int, hidden: torch.Tensor, attention_mask: torch.Tensor | None, prompts: torch.Tensor | None
+    ) -> torch.Tensor:
+        await self.send(Step(step_id, hidden, attention_mask, prompts=prompts))
         return (await self.receive(step_id, hidden.shape)).hidden
 
     async def close(self) -> None:
@@ -125,12 +127,21 @@ class RemoteInferenceSession:
         self.session_id = uuid.uuid4().hex
         self.route: list[RemoteSpanSession] = []
         self.history: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # hop start -> inputs
+        self.prompts: torch.Tensor | None = None  # deep prompts of the first step, sent again with every replay
         self.failovers = 0
 
-    def step(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def step(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None, prompts: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Run new tokens through every block; `prompts` [blocks, B or 1, P, H] (deep prompts) only with the
+        first step."""
         if attention_mask is None:
             attention_mask = torch.ones(hidden.shape[:2], dtype=torch.long)
-        return self.swarm.run(self._step, hidden, attention_mask.long())
+        if prompts is not None:
+            if self.steps:
+                raise PetalError("deep prompts go only with a session's first step")
+            self.prompts = prompts.detach().float()
+        return self.swarm.run(self._step, hidden, attention_mask.long(), prompts is not None)
 
     def close(self) -> None:
         self.swarm.run(self._close)
@@ -140,7 +151,7 @@ class RemoteInferenceSession:
             await session.close()
         self.route = []
 
-    async def _step(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    async def _step(self, hidden: torch.Tensor, attention_mask: torch.Tensor, with_prompts: bool) -> torch.Tensor:
         view = await self.swarm.watch(self.model, range(self.start, self.end))
         if not self.route:
             self.route = await self._open_route(self.start, self.end)
@@ -159,8 +170,11 @@ class RemoteInferenceSession:
                 continue
             try:
                 if not arrived:
-                    onward = [s.next_hop(self.session_id) for s in self.route[position + 1 :]] if self.push else []
-                    await session.send(Step(step_id, hidden, attention_mask, onward))
+                    # a step with deep prompts goes hop by hop: each server needs its own blocks' prompts
+                    push = self.push and not with_prompts
+                    onward = [s.next_hop(self.session_id) for s in self.route[position + 1 :]] if push else []
+                    prompts = self._prompts_of(session.hop) if with_prompts else None
+                    await session.send(Step(step_id, hidden, attention_mask, onward, prompts))
                 result = await session.receive(step_id, hidden.shape)
             except ServerFailure as failure:
                 await self._replace(position, failure, step_id - 1)
@@ -204,7 +218,13 @@ class RemoteInferenceSession:
         for session in replacement:
             if session is not replacement[0]:
                 self.history[session.hop.start] = [(hidden, mask)]  # a new boundary: its inputs so far
-            hidden = await session.step(replay_id, hidden, mask)
+            hidden = await session.step(replay_id, hidden, mask, self._prompts_of(session.hop))
+
+    def _prompts_of(self, hop: Hop) -> torch.Tensor | None:
+        """The deep prompts of the blocks of `hop` (None without deep prompts)."""
+        if self.prompts is None:
+            return None
+        return self.prompts[hop.start - self.start : hop.end - self.start]
 
     async def _open_route(self, start: int, end: int) -> list[RemoteSpanSession]:
         """Sessions on the best route through [start, end); servers that fail to open are banned and avoided."""

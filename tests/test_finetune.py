@@ -109,10 +109,12 @@ def test_causal_lm_loss_is_transformers_loss(tiny_llama):
         )
 
 
-def test_ptune_generation_continues_the_prompted_model(tiny_llama):
+@pytest.mark.parametrize("tuning_mode", ["ptune", "deep_ptune"])
+def test_generation_continues_the_prompted_model(tiny_llama, tuning_mode):
     model = DistributedModelForCausalLM.from_local_spans(
-        str(tiny_llama), [(0, 3), (3, BLOCKS)], tuning_mode="ptune", pre_seq_len=PRE_SEQ_LEN
+        str(tiny_llama), [(0, 3), (3, BLOCKS)], tuning_mode=tuning_mode, pre_seq_len=PRE_SEQ_LEN
     )
+    randomize_prompts(model)
     prompt = torch.tensor([[5, 17, 29, 41]])
     output = model.generate(prompt, max_new_tokens=6, eos_token_id=None)
     # greedy, token by token without a cache: each new token is the argmax of the full forward pass
@@ -164,6 +166,10 @@ def test_gradients_through_the_swarm_equal_local_training(tiny_model, tuning_mod
                 randomize_prompts(model)
                 model(input_ids, mask, labels=labels).loss.backward()
             assert [(h.start, h.end) for h in remote.blocks.calls.requests] == [(0, 2), (2, 6), (2, 6), (0, 2)]
+            # the tuned prompts also steer generation through the swarm (inference sessions)
+            prompt = torch.tensor([[9, 18, 27, 36]])
+            expected_tokens = local.generate(prompt, max_new_tokens=6, eos_token_id=None)
+            assert torch.equal(remote.generate(prompt, max_new_tokens=6, eos_token_id=None), expected_tokens)
         finally:
             remote.blocks.swarm.close()
     expected, got = gradients(local), gradients(remote)

@@ -553,3 +553,19 @@ def test_a_backward_request_without_gradients_and_a_forward_on_the_backward_prot
         assert isinstance(reply, ForwardResult) and reply.hidden.shape == forward.hidden.shape
 
     run_case(node, model_name, case)
+
+
+def test_deep_prompts_in_an_inference_session_only_with_its_first_step(node, model_name):
+    async def case(host, peer):
+        stream = await open_session(host, peer, model_name, max_length=16)
+        await send(stream, Step(1, hidden_states(3, seed=1), prompts=torch.zeros(BLOCKS - 1, 1, 2, HIDDEN)))
+        assert "blocks" in (await expect_error(stream, "bad_shape")).reason
+        await send(stream, Step(1, hidden_states(3, seed=1), prompts=torch.zeros(BLOCKS, 1, 2, HIDDEN) + 0.1))
+        first = await receive(stream)
+        assert isinstance(first, StepResult), first
+        await send(stream, Step(2, hidden_states(1, seed=2), prompts=torch.zeros(BLOCKS, 1, 1, HIDDEN)))
+        assert "first step" in (await expect_error(stream, "bad_step")).reason
+        await step(stream, 3, hidden_states(1, seed=3))  # the session goes on
+        await close_session(stream)
+
+    run_case(node, model_name, case)

@@ -149,6 +149,30 @@ def _attention_mask(msg: dict, hidden: torch.Tensor, limits: Limits) -> torch.Te
     return mask
 
 
+def _prompts(msg: dict, hidden: torch.Tensor, limits: Limits, blocks: int | None = None) -> torch.Tensor | None:
+    """The optional deep prompts [blocks, batch or 1, prefix <= tokens, hidden] that go with `hidden`."""
+    if msg.get("prompts") is None:
+        return None
+    prompts = unpack_tensor(msg["prompts"], "prompts", limits.max_tensor_bytes)
+    batch, length, hidden_size = hidden.shape
+    shape = list(prompts.shape)
+    if (
+        not prompts.is_floating_point()
+        or prompts.ndim != 4
+        or (blocks is not None and shape[0] != blocks)
+        or shape[0] == 0
+        or shape[1] not in (1, batch)
+        or not 0 < shape[2] <= length
+        or shape[3] != hidden_size
+    ):
+        raise ProtocolError(
+            f"prompts must be a float tensor [blocks {blocks or '>= 1'}, batch {batch} or 1, prefix <= {length}, "
+            f"hidden {hidden_size}], got {prompts.dtype} {shape}",
+            "bad_shape",
+        )
+    return prompts
+
+
 # ---------------------------------------------------------------- messages
 
 MESSAGE_TYPES: dict[str, type[Message]] = {}
@@ -235,6 +259,8 @@ class Step(Message):
     attention_mask: torch.Tensor | None = None
     # server push: after this step, send the output on to these servers' sessions, in order
     push_to: list[NextHop] = field(default_factory=list)
+    # deep prompts [session blocks, B or 1, P, H] added to the first P positions: only on a session's first step
+    prompts: torch.Tensor | None = None
 
     def to_wire(self) -> dict[str, Any]:
         body = super().to_wire()
@@ -248,7 +274,9 @@ class Step(Message):
         push_to = msg.get("push_to") or []
         if not isinstance(push_to, list) or len(push_to) > MAX_PUSH_HOPS:
             raise ProtocolError(f"push_to must be a list of at most {MAX_PUSH_HOPS} hops")
-        return cls(_int(msg, "step", 0, 1 << 40), hidden, mask, [NextHop.from_wire(hop) for hop in push_to])
+        prompts = _prompts(msg, hidden, limits)
+        hops = [NextHop.from_wire(hop) for hop in push_to]
+        return cls(_int(msg, "step", 0, 1 << 40), hidden, mask, hops, prompts)
 
 
 MAX_PUSH_HOPS = 64
@@ -348,7 +376,7 @@ class ForwardRequest(Message):
         if end <= start:
             raise ProtocolError(f"blocks {start}:{end} are an empty range", "wrong_span")
         hidden = _hidden_states(msg, "hidden", limits)
-        batch, length, hidden_size = hidden.shape
+        batch, length, _ = hidden.shape
         if batch == 0 or length == 0:
             raise ProtocolError(f"hidden has an empty shape {list(hidden.shape)}", "bad_shape")
         if batch * length > limits.max_forward_tokens:
@@ -356,23 +384,7 @@ class ForwardRequest(Message):
                 f"{batch} x {length} tokens are over this server's limit of {limits.max_forward_tokens} per request",
                 "too_large",
             )
-        prompts = None
-        if msg.get("prompts") is not None:
-            prompts = unpack_tensor(msg["prompts"], "prompts", limits.max_tensor_bytes)
-            shape = list(prompts.shape)
-            if (
-                not prompts.is_floating_point()
-                or prompts.ndim != 4
-                or shape[0] != end - start
-                or shape[1] not in (1, batch)
-                or not 0 < shape[2] <= length
-                or shape[3] != hidden_size
-            ):
-                raise ProtocolError(
-                    f"prompts must be a float tensor [blocks {end - start}, batch {batch} or 1, prefix <= {length}, "
-                    f"hidden {hidden_size}], got {prompts.dtype} {shape}",
-                    "bad_shape",
-                )
+        prompts = _prompts(msg, hidden, limits, end - start)
         return dict(
             model=_str(msg, "model"),
             start=start,

@@ -228,7 +228,12 @@ class SpanServer:
                 await _send_error(session, e.code, str(e))
                 continue
             hidden = await trio.to_thread.run_sync(
-                self.span.step, session.span_session, message.hidden, message.attention_mask, limiter=self.compute
+                self.span.step,
+                session.span_session,
+                message.hidden,
+                message.attention_mask,
+                message.prompts,
+                limiter=self.compute,
             )
             session.last_step = message.step
             output = hidden.to(message.hidden.dtype)
@@ -347,6 +352,16 @@ class SpanServer:
             )
         if not torch.isfinite(step.hidden).all():
             raise ProtocolError("hidden holds NaN or infinity", "bad_value")
+        if step.prompts is not None:
+            blocks = request.end - request.start
+            if span_session.length != 0 or step.push_to:
+                raise ProtocolError("deep prompts go only with a session's first step, and are not pushed", "bad_step")
+            if step.prompts.shape[0] != blocks:
+                raise ProtocolError(
+                    f"prompts are for {step.prompts.shape[0]} blocks, this session runs {blocks}", "bad_shape"
+                )
+            if not torch.isfinite(step.prompts).all():
+                raise ProtocolError("prompts hold NaN or infinity", "bad_value")
 
 
 def _compute(span: Span, request: ForwardRequest, layers: slice) -> ForwardResult | BackwardResult:

@@ -104,11 +104,18 @@ class Span:
         return SpanSession(self.module.new_cache(), mask, max_length, layers, (self.start, self.end), adapter)
 
     def step(
-        self, session: SpanSession, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None
+        self,
+        session: SpanSession,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        prompts: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run new tokens `hidden` [B, T, H] through the span, extending the session's cache by T tokens.
 
-        `attention_mask` [B, T] marks padding among the new tokens (default: none)."""
+        `attention_mask` [B, T] marks padding among the new tokens (default: none). `prompts` [session's
+        blocks, B or 1, P, H] are deep prompts for the first P positions: only with a session's first step."""
+        if prompts is not None and session.length != 0:
+            raise SpanError("deep prompts go only with a session's first step")
         if session.span_blocks != (self.start, self.end):
             raise SpanError(
                 f"this session was opened on blocks {session.span_blocks[0]}:{session.span_blocks[1]}, "
@@ -119,7 +126,7 @@ class Span:
             attention_mask = torch.ones(batch, length, dtype=torch.long)
         full_mask = torch.cat([session.attention_mask, attention_mask.long()], dim=1)
         with torch.inference_mode(), active_adapter(self.module, session.adapter):
-            output = self.module(hidden.float(), full_mask, session.cache, session.layers)
+            output = self.module(hidden.float(), full_mask, session.cache, session.layers, prompts)
         session.attention_mask = full_mask
         return output
 
