@@ -18,6 +18,7 @@ import trio
 import petald
 from petald.config import NodeConfig
 from petald.models.loading import load_config, num_blocks
+from petald.p2p.bandwidth import BANDWIDTH_PROTOCOL, handle_bandwidth_probe, measure_bandwidth
 from petald.p2p.dht import ServerEntry, ServerState, SwarmDHT, open_swarm_dht
 from petald.p2p.host import full_addrs, load_or_create_identity, open_host, peer_id_of
 from petald.serving.balance import SpanInfo, choose_span, move_candidates, should_move
@@ -33,7 +34,14 @@ from petald.serving.handlers import (
     open_push_stream,
 )
 from petald.serving.span import Span
-from petald.serving.throughput import cached_throughput, measure_cached, measure_inference_throughput, throughput_key
+from petald.serving.throughput import (
+    announced_throughput,
+    cached_throughput,
+    measure_cached,
+    measure_inference_throughput,
+    network_throughput,
+    throughput_key,
+)
 
 log = logging.getLogger("petald")
 
@@ -47,6 +55,7 @@ async def run_dht_node(config: NodeConfig) -> None:
     """A node that serves no blocks: a DHT peer other nodes can bootstrap through."""
     key_pair = load_or_create_identity(config.identity)
     async with open_host(key_pair, (config.host, config.port)) as host:
+        host.set_stream_handler(BANDWIDTH_PROTOCOL, handle_bandwidth_probe)
         async with open_swarm_dht(host, config.initial_peers):
             _print_addrs(full_addrs(host))
             log.info("DHT node %s ready", peer_id_of(key_pair))
@@ -65,6 +74,7 @@ async def run_server(config: NodeConfig) -> None:
     key_pair = load_or_create_identity(config.identity)
     async with open_host(key_pair, (config.host, config.port)) as host:
         addrs = _public_addrs(full_addrs(host), config.public_host)
+        host.set_stream_handler(BANDWIDTH_PROTOCOL, handle_bandwidth_probe)
         _print_addrs(addrs)
         async with open_swarm_dht(host, config.initial_peers) as dht:
             start, end = await _choose_blocks(config, dht, model_name, total_blocks)
@@ -85,9 +95,7 @@ async def run_server(config: NodeConfig) -> None:
             await announcer.publish()  # claim the span before the (slow) load, so others pick elsewhere
             span = await _load_span(model_dir, start, end, config)
             server = SpanServer(span, _serving_options(config, model_name))
-            server.throughput = config.throughput or await trio.to_thread.run_sync(
-                measure_cached, key, functools.partial(measure_inference_throughput, span)
-            )
+            server.throughput = config.throughput or await _measure_throughput(host, config, key, span)
             host.set_stream_handler(INFERENCE_PROTOCOL, server.handle_inference)
             host.set_stream_handler(INFO_PROTOCOL, server.handle_info)
             host.set_stream_handler(PUSH_PROTOCOL, server.handle_push)
@@ -277,6 +285,23 @@ async def _move(
     await announcer.publish(state=ServerState.ONLINE, start=start, end=end, cache_tokens_left=server.budget.tokens_left)
     # the span's size is unchanged, so is its throughput
     log.info("serving blocks %d:%d of %s at %.1f blocks*steps/s", start, end, announcer.model, server.throughput)
+
+
+async def _measure_throughput(host, config: NodeConfig, key: str, span: Span) -> float:
+    """min(compute, network): compute measured once per setup (cached), the network probed to a swarm peer."""
+    compute = await trio.to_thread.run_sync(measure_cached, key, functools.partial(measure_inference_throughput, span))
+    bandwidth = await measure_bandwidth(host, config.initial_peers)
+    if bandwidth is None:
+        log.info("network throughput not measured (no peer answered a probe): announcing compute alone")
+        return compute
+    network = network_throughput(bandwidth, span.hidden_size, span.num_blocks)
+    log.info(
+        "network: %.1f MB/s to the swarm = %.0f blocks*tokens/s; compute: %.1f blocks*steps/s",
+        bandwidth / 1e6,
+        network,
+        compute,
+    )
+    return announced_throughput(compute, network)
 
 
 async def _load_span(model_dir: Path, start: int, end: int, config: NodeConfig) -> Span:

@@ -3,8 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
 
-from petald.serving.throughput import cached_throughput, measure_cached, throughput_cache_path, throughput_key
+import pytest
+
+from petald.serving.throughput import (
+    announced_throughput,
+    cached_throughput,
+    measure_cached,
+    network_throughput,
+    throughput_cache_path,
+    throughput_key,
+)
+from tests.swarm_processes import local_swarm
 
 
 class FakeMeasure:
@@ -65,3 +76,26 @@ def test_the_cache_lives_in_petal_home(monkeypatch, tmp_path):
     assert throughput_cache_path() == tmp_path / "throughput.json"
     monkeypatch.delenv("PETAL_HOME")
     assert throughput_cache_path().parts[-3:] == (".cache", "petal", "throughput.json")
+
+
+def test_network_throughput_counts_each_token_crossing_the_link_twice_for_all_its_blocks():
+    # 1 MB/s, hidden 500 fp32: 2 x 2000 bytes per token = 250 tokens/s, for each of 10 blocks
+    assert network_throughput(1e6, hidden_size=500, num_blocks=10) == pytest.approx(2500.0)
+    assert announced_throughput(compute=40.0, network=2500.0) == 40.0
+    assert announced_throughput(compute=40.0, network=12.5) == 12.5
+    assert announced_throughput(compute=40.0, network=None) == 40.0
+
+
+def test_a_server_probes_its_network_to_a_swarm_peer_and_announces_the_lower_figure(tiny_llama, tmp_path):
+    env = {**os.environ, "PETAL_HOME": str(tmp_path / "home")}
+    with local_swarm(tmp_path, env) as swarm:
+        first = swarm.start("dht", "--port", "0", "--new-swarm")
+        server = swarm.start(
+            "start", "--model", str(tiny_llama), "--blocks", "0:6", "--port", "0", "--initial-peers", first.addr
+        )
+        server.wait_serving()
+        found = server.wait_for(r"network: ([\d.]+) MB/s to the swarm = (\d+) blocks\*tokens/s; compute: ([\d.]+)")
+        bandwidth, network, compute = float(found[1]), float(found[2]), float(found[3])
+        assert bandwidth > 0 and network > 0 and compute > 0
+        serving = server.wait_for(r"serving blocks 0:6 of \S+ at ([\d.]+) blocks\*steps/s")
+        assert float(serving[1]) == pytest.approx(min(network, compute), rel=0.01, abs=0.1)

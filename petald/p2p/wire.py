@@ -445,6 +445,36 @@ class BackwardResult(Message):
         return cls(_hidden_states(msg, "grad_hidden", limits), grad_prompts)
 
 
+MAX_PROBE_BYTES = 16 * 2**20
+
+
+@dataclass
+class BandwidthProbe(Message):
+    """Node -> node: bytes that time the link between them; the receiver answers BandwidthAck."""
+
+    TYPE: ClassVar[str] = "probe"
+    payload: bytes
+
+    @classmethod
+    def from_wire(cls, msg, limits):
+        payload = msg.get("payload")
+        if not isinstance(payload, bytes) or len(payload) > MAX_PROBE_BYTES:
+            raise ProtocolError(f"payload must be at most {MAX_PROBE_BYTES} bytes", "too_large")
+        return cls(payload)
+
+
+@dataclass
+class BandwidthAck(Message):
+    """Node -> node: every byte of the probe arrived."""
+
+    TYPE: ClassVar[str] = "probe_ack"
+    received: int
+
+    @classmethod
+    def from_wire(cls, msg, limits):
+        return cls(_int(msg, "received", 0, MAX_PROBE_BYTES))
+
+
 @dataclass
 class ErrorReply(Message):
     """Either side: the request failed; `code` is machine-readable, `reason` is for people."""

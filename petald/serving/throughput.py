@@ -1,11 +1,11 @@
 """How fast this server runs its span: measured once per machine and setup, cached on disk, announced so
 clients can route and servers can balance.
 
-Only compute is measured. Petals announces min(compute, network), its network figure from a speedtest
-against internet servers; Petal measures nothing over the internet: a node may have no route to one (a
-private swarm, an isolated lab), on 127.0.0.1 it would measure memory copies, and a speedtest says nothing
-of the links to the peers that actually call this server. Clients ping each server instead and put the RTT
-into the cost of a route, which is the figure that bounds single-token inference steps."""
+Compute is measured once per machine and setup and cached; the network is probed at every start, to a
+peer of the swarm (petald.p2p.bandwidth), not against internet servers as Petals' speedtest does (a
+private swarm may reach none, and they say nothing of the links to the peers that call this server). As
+in Petals, a server announces min(compute, network). Clients also ping each server and put the RTT into
+the cost of a route, the figure that bounds single-token inference steps."""
 
 from __future__ import annotations
 
@@ -38,6 +38,18 @@ def measure_inference_throughput(span: Span, steps: int = 8, prefix: int = 16) -
         span.step(session, token)
     step_seconds = (time.perf_counter() - started) / steps
     return span.num_blocks / step_seconds
+
+
+def network_throughput(bytes_per_second: float, hidden_size: int, num_blocks: int, bytes_per_value: int = 4) -> float:
+    """The span's throughput (blocks x tokens / s) that a link of `bytes_per_second` allows: every token's
+    hidden states cross it twice (in and out), and one crossing serves all of the span's blocks."""
+    return bytes_per_second / (2 * hidden_size * bytes_per_value) * num_blocks
+
+
+def announced_throughput(compute: float, network: float | None) -> float:
+    """What a server announces: the lower of its compute and network figures (compute alone if the
+    network could not be measured)."""
+    return compute if network is None else min(compute, network)
 
 
 def throughput_cache_path() -> Path:
