@@ -17,12 +17,13 @@ ADDR = re.compile(r"^(/ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+)$", re.M)
 class NodeProcess:
     """One `petald` process; its stdout and stderr go to `log`."""
 
-    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None):
+    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None, prefix: tuple[str, ...] = ()):
+        """`prefix` goes before the command (e.g. `ip netns exec NS`: it must exec, so the PID stays petald's)."""
         self.log = log
         self.args = args
         with open(log, "wb") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "petald.cli", *args],
+                [*prefix, sys.executable, "-m", "petald.cli", *args],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
