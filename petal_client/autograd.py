@@ -18,7 +18,7 @@ import trio
 
 from petal_client.routing import Hop, MissingBlocksError, throughput_weighted_route
 from petal_client.session import ServerFailure
-from petal_client.swarm import Swarm
+from petal_client.swarm import MISSING_REREADS, Swarm
 from petald.errors import PetalError
 from petald.p2p.wire import (
     BackwardRequest,
@@ -179,11 +179,11 @@ class RemoteCalls:
         return ForwardRequest(self.model, hop.start, hop.end, hidden, mask, hop_prompts, self.adapter)
 
     async def _route(self, start: int, end: int) -> list[Hop]:
-        """A throughput-weighted route through [start, end) over usable servers (re-reading the swarm once
-        if none covers it)."""
+        """A throughput-weighted route through [start, end) over usable servers (re-reading the swarm a few
+        times if none covers it)."""
         blocks = range(self.start, self.end)
         view = await self.swarm.watch(self.model, blocks)
-        for attempt in range(2):
+        for rereads in range(MISSING_REREADS + 1):
             usable = [
                 status.span()
                 for peer_id, status in view.servers.items()
@@ -192,9 +192,9 @@ class RemoteCalls:
             try:
                 return throughput_weighted_route(usable, start, end, self.rng, model=self._what())
             except MissingBlocksError:
-                if attempt:
+                if rereads == MISSING_REREADS:
                     raise
-                await self.swarm.refresh(self.model, blocks, view)
+                await self.swarm.reread(self.model, blocks, view, rereads + 1)
         raise AssertionError("unreachable")
 
     def _what(self) -> str:

@@ -65,8 +65,9 @@ def _check_coverage(servers: list[ServerSpan], start: int, end: int, model: str)
     gaps = missing_blocks(servers, start, end)
     if gaps:
         ranges = ", ".join(f"{a}–{b - 1}" if b - a > 1 else f"{a}" for a, b in gaps)
-        noun = "blocks" if len(gaps) > 1 or gaps[0][1] - gaps[0][0] > 1 else "block"
-        raise MissingBlocksError(f"{noun} {ranges} of {model} are served by no one")
+        several = len(gaps) > 1 or gaps[0][1] - gaps[0][0] > 1
+        noun, verb = ("blocks", "are") if several else ("block", "is")
+        raise MissingBlocksError(f"{noun} {ranges} of {model} {verb} served by no one")
 
 
 def hop_cost(server: ServerSpan, blocks: int, cache_tokens_needed: int) -> float:

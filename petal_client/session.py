@@ -10,7 +10,7 @@ import torch
 import trio
 
 from petal_client.routing import Hop, MissingBlocksError, min_latency_route
-from petal_client.swarm import Swarm
+from petal_client.swarm import MISSING_REREADS, Swarm
 from petald.errors import PetalError
 from petald.p2p.dht import ServerEntry
 from petald.p2p.wire import (
@@ -231,14 +231,12 @@ class RemoteInferenceSession:
         blocks = range(self.start, self.end)
         view = await self.swarm.watch(self.model, blocks)
         needed = self.batch_size * self.max_length
-        refreshed = False
+        rereads = 0
         while True:
             usable = {
                 p: s
                 for p, s in view.servers.items()
-                if s.usable
-                and p not in self.swarm.banned
-                and (self.adapter is None or self.adapter in s.entry.adapters)
+                if s.usable and p not in self.swarm.banned and s.serves(self.adapter)
             }
             what = self.model if self.adapter is None else f"{self.model} with adapter {self.adapter!r}"
             try:
@@ -246,10 +244,10 @@ class RemoteInferenceSession:
                     [s.span() for s in usable.values()], start, end, cache_tokens_needed=needed, model=what
                 )
             except MissingBlocksError:
-                if refreshed:
+                rereads += 1
+                if rereads > MISSING_REREADS:
                     raise
-                await self.swarm.refresh(self.model, blocks, view)  # the view may predate a new server
-                refreshed = True
+                await self.swarm.reread(self.model, blocks, view, rereads)  # the view may predate a new server
                 continue
             sessions: list[RemoteSpanSession] = []
             try:

@@ -31,6 +31,7 @@ CONNECT_TIMEOUT = 10.0
 REFRESH_PERIOD = 5.0  # seconds between background pings of the servers of a model in use
 DHT_READ_PERIOD = 30.0  # seconds between background DHT reads for it (new servers; a read costs far more than pings)
 PING_TIMEOUT = 3.0
+MISSING_REREADS = 3  # DHT re-reads (after 0.5, 1, 2 s) before blocks are declared served by no one
 BAN_SECONDS = 15.0
 RTT_SMOOTHING = 0.2  # weight of a new RTT sample in the moving average
 
@@ -210,6 +211,13 @@ class Swarm:
         view.servers = statuses
         view.refreshed.set()
         view.refreshed = trio.Event()
+
+    async def reread(self, model: str, blocks: range, view: SwarmView, attempt: int) -> None:
+        """Re-read the swarm when the view lacks servers for some blocks: the view may predate a server, or
+        a DHT read may have missed one (a read of a loaded swarm can lose answers). Waits 0.5 s, then twice
+        as long at each attempt, so a server that just announced itself has time to be found."""
+        await trio.sleep(0.25 * 2**attempt)
+        await self.refresh(model, blocks, view)
 
     async def ping(self, entry: ServerEntry) -> ServerInfo:
         """Ask a server for its live state over the info protocol (also measures how far it is)."""

@@ -180,7 +180,9 @@ def test_gradients_through_the_swarm_equal_local_training(tiny_model, tuning_mod
         torch.testing.assert_close(got[name], expected[name], atol=1e-5, rtol=1e-4)
 
 
-def test_a_server_that_dies_between_forward_and_backward_is_replaced(tiny_llama, tmp_path, env):
+def test_batches_spread_over_servers_and_one_that_dies_between_forward_and_backward_is_replaced(
+    tiny_llama, tmp_path, env
+):
     local = DistributedModelForCausalLM.from_local_spans(
         str(tiny_llama), [(0, BLOCKS)], tuning_mode="deep_ptune", pre_seq_len=PRE_SEQ_LEN
     )
@@ -192,11 +194,21 @@ def test_a_server_that_dies_between_forward_and_backward_is_replaced(tiny_llama,
             str(tiny_llama), [first.addr], tuning_mode="deep_ptune", pre_seq_len=PRE_SEQ_LEN
         )
         try:
+            # a large batch is cut into chunks that run at once, each routed by throughput: both servers work
+            calls = remote.blocks.calls
+            calls.max_tokens_per_request = 8
+            hidden = torch.randn(32, 4, remote.config.hidden_size)
+            with torch.no_grad():
+                torch.testing.assert_close(remote.blocks(hidden), local.blocks.forward(hidden), atol=1e-5, rtol=1e-4)
+            assert len(calls.requests) == 16
+            assert {hop.peer_id for hop in calls.requests} == set(by_peer)  # all on one: 2 ** -15
+            calls.max_tokens_per_request, calls.requests = 4096, []
+
             for model in (local, remote):
                 randomize_prompts(model)
             local(input_ids, mask, labels=input_ids).loss.backward()
             loss = remote(input_ids, mask, labels=input_ids).loss
-            (forward_hop,) = remote.blocks.calls.requests
+            (forward_hop,) = calls.requests
             by_peer[forward_hop.peer_id].kill()
             loss.backward()
             backward_hop = remote.blocks.calls.requests[-1]

@@ -72,7 +72,7 @@ def test_gap_gives_a_clear_error():
     assert missing_blocks(servers, 0, 30) == [(12, 15)]
     with pytest.raises(MissingBlocksError, match="blocks 12–14 of smollm2-135m are served by no one"):
         min_latency_route(servers, 0, 30, model="smollm2-135m")
-    with pytest.raises(MissingBlocksError, match="block 29 of m are served"):
+    with pytest.raises(MissingBlocksError, match="block 29 of m is served"):
         throughput_weighted_route([ServerSpan("a", 0, 29, 1.0)], 0, 30, random.Random(0), model="m")
 
 
