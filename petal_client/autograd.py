@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 REQUEST_TIMEOUT = 300.0
 MAX_FAILURES = 8  # per forward or backward call
 MAX_TOKENS_PER_REQUEST = 4096  # batch x tokens; larger batches are cut into chunks that run in parallel
+MAX_REQUESTS_IN_FLIGHT = 4  # servers run one request at a time; more in flight only queue, and load libp2p
 # answers that say the request itself is wrong: another server would refuse it too
 CALLER_ERRORS = {"bad_request", "bad_shape", "bad_value", "bad_dtype", "too_large", "bad_frame", "unexpected"}
 
@@ -64,6 +65,7 @@ class RemoteCalls:
         self.rng = rng or random.Random()
         self.max_tokens_per_request = MAX_TOKENS_PER_REQUEST
         self.requests: list[Hop] = []  # every request sent, in order (how work spread; tests read it)
+        self._in_flight: trio.CapacityLimiter | None = None  # made on the swarm's event loop
 
     # ---- the two passes, over chunks of the batch
 
@@ -207,17 +209,20 @@ class RemoteCalls:
         if status is None:
             raise ServerFailure(hop.peer_id, "gone from the swarm")
         expect = BackwardResult if isinstance(request, BackwardRequest) else ForwardResult
-        try:
-            stream = await self.swarm.open_stream(status.entry, protocol)
+        if self._in_flight is None:
+            self._in_flight = trio.CapacityLimiter(MAX_REQUESTS_IN_FLIGHT)
+        async with self._in_flight:
             try:
-                with trio.fail_after(REQUEST_TIMEOUT):
-                    await write_message(stream, request)
-                    reply = await read_message(stream, Limits(), expect=(expect,))
-            finally:
-                with trio.move_on_after(5):
-                    await stream.close()
-        except Exception as e:
-            raise ServerFailure(hop.peer_id, f"{request.TYPE} request: {e!r}") from e
+                stream = await self.swarm.open_stream(status.entry, protocol)
+                try:
+                    with trio.fail_after(REQUEST_TIMEOUT):
+                        await write_message(stream, request)
+                        reply = await read_message(stream, Limits(), expect=(expect,))
+                finally:
+                    with trio.move_on_after(5):
+                        await stream.close()
+            except Exception as e:
+                raise ServerFailure(hop.peer_id, f"{request.TYPE} request: {e!r}") from e
         if isinstance(reply, ErrorReply):
             if reply.code in CALLER_ERRORS:
                 raise PetalError(f"server {hop.peer_id[:16]}… refused a {request.TYPE} request: {reply.reason}")

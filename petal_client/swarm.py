@@ -84,7 +84,9 @@ class SwarmView:
     """The servers of one model as last seen (DHT read + pings), refreshed in the background."""
 
     servers: dict[str, ServerStatus] = field(default_factory=dict)
-    refreshed: trio.Event = field(default_factory=trio.Event)
+    ready: trio.Event = field(default_factory=trio.Event)  # set once the first read has finished
+    reading: trio.Lock = field(default_factory=trio.Lock)  # one refresh at a time: no storm of DHT reads
+    reads: int = 0  # refreshes done so far
 
 
 class SwarmError(PetalError):
@@ -168,8 +170,13 @@ class Swarm:
         view = self.views.get(model)
         if view is None:
             view = self.views[model] = SwarmView()
-            await self.refresh(model, blocks, view)
             self._nursery.start_soon(self._keep_fresh, model, blocks, view)
+            try:
+                await self.refresh(model, blocks, view)
+            finally:
+                view.ready.set()
+        else:
+            await view.ready.wait()  # callers that came during the first read use its result
         return view
 
     async def _keep_fresh(self, model: str, blocks: range, view: SwarmView) -> None:
@@ -183,9 +190,18 @@ class Swarm:
             except Exception as e:  # the next refresh tries again; routing uses the last view meanwhile
                 log.debug("refreshing the view of %s failed: %r", model, e)
 
-    async def refresh(self, model: str, blocks: range, view: SwarmView, read_dht: bool = True) -> None:
+    async def refresh(
+        self, model: str, blocks: range, view: SwarmView, read_dht: bool = True, unless_since: int | None = None
+    ) -> None:
         """Ping every announced server for its state, free cache and RTT; read who is announced from the DHT
-        first, or (without `read_dht`) take the servers of the last read."""
+        first, or (without `read_dht`) take the servers of the last read. One refresh of a view runs at a
+        time; with `unless_since`, none runs if the view was refreshed since its `reads` was that."""
+        async with view.reading:
+            if unless_since is None or view.reads == unless_since:
+                await self._refresh(model, blocks, view, read_dht)
+                view.reads += 1
+
+    async def _refresh(self, model: str, blocks: range, view: SwarmView, read_dht: bool) -> None:
         if read_dht:
             announced = await self.servers(model, blocks)
         else:
@@ -209,15 +225,14 @@ class Swarm:
             for peer_id, entry in announced.items():
                 nursery.start_soon(ping, peer_id, entry)
         view.servers = statuses
-        view.refreshed.set()
-        view.refreshed = trio.Event()
 
     async def reread(self, model: str, blocks: range, view: SwarmView, attempt: int) -> None:
         """Re-read the swarm when the view lacks servers for some blocks: the view may predate a server, or
         a DHT read may have missed one (a read of a loaded swarm can lose answers). Waits 0.5 s, then twice
         as long at each attempt, so a server that just announced itself has time to be found."""
+        reads = view.reads
         await trio.sleep(0.25 * 2**attempt)
-        await self.refresh(model, blocks, view)
+        await self.refresh(model, blocks, view, unless_since=reads)  # callers that wait together share a read
 
     async def ping(self, entry: ServerEntry) -> ServerInfo:
         """Ask a server for its live state over the info protocol (also measures how far it is)."""
