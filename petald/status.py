@@ -21,7 +21,7 @@ async def read_swarm(initial_peers: list[str], model: str | None) -> dict[str, d
                 models = {model: models.get(model, 0)}
             result = {}
             for name, total in models.items():
-                found = await dht.get_servers(name, range(total)) if total else {}
+                found = await _read_blocks(dht, name, total)
                 servers: dict[str, ServerEntry] = {}
                 blocks: dict[int, list[str]] = {block: [] for block in range(total)}
                 for block, entries in found.items():
@@ -30,6 +30,25 @@ async def read_swarm(initial_peers: list[str], model: str | None) -> dict[str, d
                         blocks[block].append(peer_id)
                 result[name] = {"num_blocks": total, "servers": servers, "blocks": blocks}
             return result
+
+
+STATUS_REREADS = 3
+
+
+async def _read_blocks(dht, model: str, total: int) -> dict[int, dict[str, ServerEntry]]:
+    """Every block's entries; blocks that came back empty are read again (up to 3 times, 0.5/1/2 s apart),
+    because one read of a busy swarm can lose answers, and a blocks-less report would be wrong."""
+    found: dict[int, dict[str, ServerEntry]] = {block: {} for block in range(total)}
+    missing = list(range(total))
+    for attempt in range(STATUS_REREADS + 1):
+        if attempt:
+            await trio.sleep(0.25 * 2**attempt)
+        for block, entries in (await dht.get_servers(model, missing)).items():
+            found[block] = entries
+        missing = [block for block in missing if not found[block]]
+        if not missing:
+            break
+    return found
 
 
 def print_status(initial_peers: list[str], model: str | None, as_json: bool) -> int:

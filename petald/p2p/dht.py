@@ -638,7 +638,7 @@ class SwarmDHT:
         await self._for_each(keys, announce_key)
         return min(stored)
 
-    async def get_servers(self, model: str, blocks: range) -> dict[int, dict[str, ServerEntry]]:
+    async def get_servers(self, model: str, blocks: Sequence[int]) -> dict[int, dict[str, ServerEntry]]:
         """For each block, the live, verified entries of the servers covering it (network read)."""
         found: dict[int, dict[str, ServerEntry]] = {}
 
