@@ -39,6 +39,19 @@ def randomize_prompts(model: torch.nn.Module, seed: int = 1) -> None:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
 
 
+def train(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, steps: int) -> list[float]:
+    """`steps` Adam steps (lr 0.05) on the trainable parameters; the loss before each step."""
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
 def gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
 
@@ -229,14 +242,7 @@ def test_prompt_tuning_a_classifier_through_the_swarm_lowers_its_loss(tiny_llama
             str(tiny_llama), [first.addr], tuning_mode="ptune", pre_seq_len=PRE_SEQ_LEN, num_labels=2
         )
         try:
-            optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
-            losses = []
-            for _ in range(8):
-                loss = model(input_ids, labels=labels).loss
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                losses.append(loss.item())
+            losses = train(model, input_ids, labels, steps=8)
         finally:
             model.blocks.swarm.close()
     assert losses[-1] < 0.7 * losses[0], losses
@@ -246,15 +252,8 @@ def test_a_client_can_put_its_own_trainable_lora_on_its_local_layers(tiny_llama)
     # the client's layers are plain torch modules: peft's LoRA goes on them as on any model
     model = DistributedModelForCausalLM.from_local_spans(str(tiny_llama), [(0, BLOCKS)])
     inject_adapter_in_model(LoraConfig(r=4, target_modules=["lm_head"]), model.parts)
-    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    assert sorted(trainable) == ["parts.lm_head.lora_A.default.weight", "parts.lm_head.lora_B.default.weight"]
+    trainable = sorted(name for name, p in model.named_parameters() if p.requires_grad)
+    assert trainable == ["parts.lm_head.lora_A.default.weight", "parts.lm_head.lora_B.default.weight"]
     input_ids, _ = batch()
-    optimizer = torch.optim.Adam(trainable.values(), lr=0.05)
-    losses = []
-    for _ in range(5):
-        loss = model(input_ids, labels=input_ids).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = train(model, input_ids, input_ids, steps=5)
     assert losses[-1] < losses[0], losses
