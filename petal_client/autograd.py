@@ -18,7 +18,7 @@ import trio
 
 from petal_client.routing import Hop, MissingBlocksError, throughput_weighted_route
 from petal_client.session import ServerFailure
-from petal_client.swarm import MISSING_REREADS, Swarm
+from petal_client.swarm import MISSING_REREADS, Swarm, served_name, usable_servers
 from petald.errors import PetalError
 from petald.p2p.wire import (
     BackwardRequest,
@@ -186,21 +186,16 @@ class RemoteCalls:
         blocks = range(self.start, self.end)
         view = await self.swarm.watch(self.model, blocks)
         for rereads in range(MISSING_REREADS + 1):
-            usable = [
-                status.span()
-                for peer_id, status in view.servers.items()
-                if status.usable and peer_id not in self.swarm.banned and status.serves(self.adapter)
-            ]
+            usable = [status.span() for status in usable_servers(view, self.swarm.banned, self.adapter).values()]
             try:
-                return throughput_weighted_route(usable, start, end, self.rng, model=self._what())
+                return throughput_weighted_route(
+                    usable, start, end, self.rng, model=served_name(self.model, self.adapter)
+                )
             except MissingBlocksError:
                 if rereads == MISSING_REREADS:
                     raise
                 await self.swarm.reread(self.model, blocks, view, rereads + 1)
         raise AssertionError("unreachable")
-
-    def _what(self) -> str:
-        return self.model if self.adapter is None else f"{self.model} with adapter {self.adapter!r}"
 
     async def _request(self, hop: Hop, protocol: str, request: ForwardRequest):
         """Send one request to the server of `hop`; ServerFailure if it fails or refuses for its own reasons."""

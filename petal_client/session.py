@@ -10,7 +10,7 @@ import torch
 import trio
 
 from petal_client.routing import Hop, MissingBlocksError, min_latency_route
-from petal_client.swarm import MISSING_REREADS, Swarm
+from petal_client.swarm import MISSING_REREADS, Swarm, served_name, usable_servers
 from petald.errors import PetalError
 from petald.p2p.dht import ServerEntry
 from petald.p2p.wire import (
@@ -233,12 +233,8 @@ class RemoteInferenceSession:
         needed = self.batch_size * self.max_length
         rereads = 0
         while True:
-            usable = {
-                p: s
-                for p, s in view.servers.items()
-                if s.usable and p not in self.swarm.banned and s.serves(self.adapter)
-            }
-            what = self.model if self.adapter is None else f"{self.model} with adapter {self.adapter!r}"
+            usable = usable_servers(view, self.swarm.banned, self.adapter)
+            what = served_name(self.model, self.adapter)
             try:
                 route = min_latency_route(
                     [s.span() for s in usable.values()], start, end, cache_tokens_needed=needed, model=what

@@ -89,6 +89,16 @@ class SwarmView:
     reads: int = 0  # refreshes done so far
 
 
+def usable_servers(view: SwarmView, banned: BanList, adapter: str | None) -> dict[str, ServerStatus]:
+    """The servers of `view` a route may use: ONLINE, not banned, and serving `adapter` (if one is asked for)."""
+    return {p: s for p, s in view.servers.items() if s.usable and p not in banned and s.serves(adapter)}
+
+
+def served_name(model: str, adapter: str | None) -> str:
+    """How errors name what is routed: the model, with its adapter if one is asked for."""
+    return model if adapter is None else f"{model} with adapter {adapter!r}"
+
+
 class SwarmError(PetalError):
     """The swarm could not be reached or did not answer."""
 

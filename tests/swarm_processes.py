@@ -52,6 +52,10 @@ class NodeProcess:
     def addr(self) -> str:
         return self.wait_for(ADDR.pattern).group(1)
 
+    @property
+    def peer_id(self) -> str:
+        return self.addr.rsplit("/", 1)[1]
+
     def wait_serving(self, timeout: float = 120.0) -> None:
         self.wait_for(r"serving blocks", timeout)
 

@@ -324,7 +324,7 @@ def test_a_served_adapter_changes_outputs_as_peft_does_and_only_its_servers_are_
             with torch.no_grad():
                 torch.testing.assert_close(adapted(input_ids).logits, expected, rtol=0, atol=1e-4)
                 torch.testing.assert_close(plain(input_ids).logits, base, rtol=0, atol=1e-4)
-            adapter_peers = {node.addr.rsplit("/", 1)[1] for node in with_adapter}
+            adapter_peers = {node.peer_id for node in with_adapter}
             assert {hop.peer_id for hop in adapted.blocks.calls.requests} == adapter_peers
 
             # generation (inference sessions) with the adapter: greedy tokens of the peft model

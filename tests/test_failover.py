@@ -43,10 +43,6 @@ def expected_tokens(model_dir, prompt) -> torch.Tensor:
     return local.generate(prompt, max_new_tokens=NEW_TOKENS, eos_token_id=None)
 
 
-def peer_of(node) -> str:
-    return node.addr.rsplit("/", 1)[1]
-
-
 def test_kill_9_at_a_random_step_ten_times_output_unchanged(tiny_llama, tmp_path, env):
     rng = random.Random(7)
     prompt = torch.tensor([[3, 14, 15, 92, 65, 35]])
@@ -59,7 +55,7 @@ def test_kill_9_at_a_random_step_ten_times_output_unchanged(tiny_llama, tmp_path
                 "start", "--model", str(tiny_llama), "--blocks", "0:6", "--initial-peers", first.addr, *FAST
             )
             node.wait_serving()
-            servers[peer_of(node)] = node
+            servers[node.peer_id] = node
         model = DistributedModelForCausalLM.from_pretrained(str(tiny_llama), initial_peers=[first.addr])
         try:
             for trial in range(10):
@@ -80,7 +76,7 @@ def test_kill_9_at_a_random_step_ten_times_output_unchanged(tiny_llama, tmp_path
                     "start", "--model", str(tiny_llama), "--blocks", "0:6", "--initial-peers", first.addr, *FAST
                 )
                 node.wait_serving()
-                servers[peer_of(node)] = node
+                servers[node.peer_id] = node
         finally:
             model.blocks.swarm.close()
 
@@ -98,7 +94,7 @@ def test_a_failed_server_is_replaced_by_two_servers_covering_its_span(tiny_llama
         try:
             with model.inference_session(max_length=64) as conversation:
                 model.generate(prompt, max_new_tokens=5, eos_token_id=None)
-                assert [s.hop.peer_id for s in conversation.blocks.route] == [peer_of(whole)]
+                assert [s.hop.peer_id for s in conversation.blocks.route] == [whole.peer_id]
                 halves = [
                     swarm.start(
                         "start", "--model", str(tiny_llama), "--blocks", blocks, "--initial-peers", first.addr, *FAST
@@ -109,7 +105,7 @@ def test_a_failed_server_is_replaced_by_two_servers_covering_its_span(tiny_llama
                     node.wait_serving()
                 whole.kill()
                 output = model.generate(conversation.token_ids, max_new_tokens=NEW_TOKENS - 5, eos_token_id=None)
-                assert [s.hop.peer_id for s in conversation.blocks.route] == [peer_of(n) for n in halves]
+                assert [s.hop.peer_id for s in conversation.blocks.route] == [n.peer_id for n in halves]
             assert torch.equal(output, expected)
         finally:
             model.blocks.swarm.close()
@@ -137,7 +133,7 @@ def test_a_draining_server_is_left_before_the_next_step(tiny_llama, tmp_path, en
         ]
         for node in servers:
             node.wait_serving()
-        by_peer = {peer_of(node): node for node in servers}
+        by_peer = {node.peer_id: node for node in servers}
         model = DistributedModelForCausalLM.from_pretrained(str(tiny_llama), initial_peers=[first.addr])
         try:
             with model.inference_session(max_length=64) as conversation:
@@ -147,7 +143,7 @@ def test_a_draining_server_is_left_before_the_next_step(tiny_llama, tmp_path, en
                 time.sleep(model.blocks.swarm.refresh_period + 3)  # the client's view sees it OFFLINE
                 assert draining.process.poll() is None  # still draining: our session holds it open
                 output = model.generate(conversation.token_ids, max_new_tokens=NEW_TOKENS - 6, eos_token_id=None)
-                assert conversation.blocks.route[0].hop.peer_id != peer_of(draining)
+                assert conversation.blocks.route[0].hop.peer_id != draining.peer_id
             assert torch.equal(output, expected)
             # once we moved away, its last session closed and it left on its own
             assert draining.process.wait(30) == 0, draining.output()

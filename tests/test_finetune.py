@@ -158,10 +158,6 @@ def start_servers(swarm, model_dir, spans: list[str]):
     return first, servers
 
 
-def peer_of(node) -> str:
-    return node.addr.rsplit("/", 1)[1]
-
-
 @pytest.mark.parametrize("tuning_mode", ["ptune", "deep_ptune"])
 def test_gradients_through_the_swarm_equal_local_training(tiny_model, tuning_mode, tmp_path, env):
     local = DistributedModelForCausalLM.from_local_spans(
@@ -202,7 +198,7 @@ def test_batches_spread_over_servers_and_one_that_dies_between_forward_and_backw
     input_ids, mask = batch(3)
     with local_swarm(tmp_path, env) as swarm:
         first, servers = start_servers(swarm, tiny_llama, ["0:6", "0:6"])
-        by_peer = {peer_of(server): server for server in servers}
+        by_peer = {server.peer_id: server for server in servers}
         remote = DistributedModelForCausalLM.from_pretrained(
             str(tiny_llama), [first.addr], tuning_mode="deep_ptune", pre_seq_len=PRE_SEQ_LEN
         )

@@ -60,7 +60,7 @@ def test_sigterm_drains_open_sessions_and_refuses_new_ones(tiny_llama, tmp_path)
             "json",
         )
         server.wait_serving()
-        server_id = server.addr.rsplit("/", 1)[1]
+        server_id = server.peer_id
         assert status_of(bootstrap.addr, env, model)["servers"][server_id]["state"] == "ONLINE"
 
         # a client that found the server through the DHT node generates exactly as the local engine does

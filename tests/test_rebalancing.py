@@ -84,7 +84,7 @@ def test_servers_spread_over_the_model_then_close_the_gap_left_by_leaving_server
             swarm.start("start", "--model", str(tiny_llama_30), "--initial-peers", bootstrap.addr, *SERVER_FLAGS)
             for _ in range(6)
         ]
-        by_id = {server.addr.rsplit("/", 1)[1]: server for server in servers}
+        by_id = {server.peer_id: server for server in servers}
 
         # six servers of 10 blocks serve all 30 (joining together, some pick the same span at first; the
         # balance checks then move them)

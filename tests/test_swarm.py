@@ -95,14 +95,14 @@ def test_joining_and_leaving_servers_are_seen_and_routed_around(smollm2, env, tm
             "start", "--model", "smollm2-135m", "--blocks", "10:20", "--port", "0", "--initial-peers", first.addr, *FAST
         )
         fourth.wait_serving()
-        fourth_id = fourth.addr.rsplit("/", 1)[1]
+        fourth_id = fourth.peer_id
         # visible as ONLINE within one heartbeat: a concurrent re-announce by another server may carry
         # its JOINING entry for a moment, and its own next heartbeat repairs that
         deadline = time.monotonic() + 2 * 2 + 30  # two heartbeats, plus the status command's own start-up
         while status(first.addr, env)["servers"].get(fourth_id, {}).get("state") != "ONLINE":
             assert time.monotonic() < deadline, "the fourth server never showed up ONLINE"
 
-        middle_id = middle.addr.rsplit("/", 1)[1]
+        middle_id = middle.peer_id
         assert middle.stop() == 0, middle.output()
         # gone from routing: OFFLINE at once, and absent once its entry expires
         deadline = time.monotonic() + 6 + 30

@@ -171,19 +171,9 @@ class SpanServer:
             await _close(stream)
 
     def _open(self, request: OpenSession, stream) -> LiveSession:
-        if not self.accepting:
-            raise ProtocolError(f"this server is {self.state.lower()} and takes no new sessions", "unavailable")
-        if request.model != self.options.model:
-            raise ProtocolError(f"this server serves {self.options.model}, not {request.model}", "wrong_model")
-        if not self.span.start <= request.start < request.end <= self.span.end:
-            raise ProtocolError(
-                f"blocks {request.start}:{request.end} are not served here (this server has "
-                f"{self.span.start}:{self.span.end})",
-                "wrong_span",
-            )
+        self._admit(request, self.span, "sessions")
         key = (request.session_id, request.start)
         budget_id = f"{request.session_id}/{uuid.uuid4().hex[:8]}"
-        self._check_adapter(request.adapter)
         self.budget.reserve(budget_id, request.batch_size * request.max_length)
         span_session = self.span.new_session(
             request.batch_size, request.max_length, request.start, request.end, request.adapter
@@ -308,8 +298,21 @@ class SpanServer:
 
     def _check_stateless(self, request: ForwardRequest, span: Span) -> slice:
         """The span's local layers for the request's blocks, after checking everything the wire cannot."""
+        self._admit(request, span, "requests")
+        if request.hidden.shape[2] != span.hidden_size:
+            raise ProtocolError(
+                f"hidden states have size {request.hidden.shape[2]}, this model's are {span.hidden_size}", "bad_shape"
+            )
+        for name in ("hidden", "prompts", "grad_output"):
+            value = getattr(request, name, None)
+            if value is not None and not torch.isfinite(value).all():
+                raise ProtocolError(f"{name} holds NaN or infinity", "bad_value")
+        return slice(request.start - span.start, request.end - span.start)
+
+    def _admit(self, request: OpenSession | ForwardRequest, span: Span, what: str) -> None:
+        """ProtocolError unless this server takes new `what` now, for its model, blocks and adapters."""
         if not self.accepting:
-            raise ProtocolError(f"this server is {self.state.lower()} and takes no new requests", "unavailable")
+            raise ProtocolError(f"this server is {self.state.lower()} and takes no new {what}", "unavailable")
         if request.model != self.options.model:
             raise ProtocolError(f"this server serves {self.options.model}, not {request.model}", "wrong_model")
         if not span.start <= request.start < request.end <= span.end:
@@ -317,20 +320,8 @@ class SpanServer:
                 f"blocks {request.start}:{request.end} are not served here (this server has {span.start}:{span.end})",
                 "wrong_span",
             )
-        if request.hidden.shape[2] != span.hidden_size:
-            raise ProtocolError(
-                f"hidden states have size {request.hidden.shape[2]}, this model's are {span.hidden_size}", "bad_shape"
-            )
-        self._check_adapter(request.adapter)
-        for name in ("hidden", "prompts", "grad_output"):
-            value = getattr(request, name, None)
-            if value is not None and not torch.isfinite(value).all():
-                raise ProtocolError(f"{name} holds NaN or infinity", "bad_value")
-        return slice(request.start - span.start, request.end - span.start)
-
-    def _check_adapter(self, name: str | None) -> None:
         try:
-            self.span.check_adapter(name)
+            span.check_adapter(request.adapter)
         except AdapterError as e:
             raise ProtocolError(str(e), "no_adapter") from e
 
