@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from petal_client.model import DistributedModelForCausalLM
 from petal_client.routing import MissingBlocksError
 from petald.errors import AdapterError
+from petald.local_swarm import local_swarm
 from petald.serving.adapters import (
     LoraLinear,
     active_adapter,
@@ -24,7 +25,6 @@ from petald.serving.adapters import (
     served_adapters,
 )
 from petald.serving.span import Span
-from tests.swarm_processes import local_swarm
 
 LLAMA_TARGETS = ["q_proj", "v_proj", "down_proj"]
 BLOOM_TARGETS = ["query_key_value", "dense_4h_to_h"]

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from petal_client.model import DistributedModelForCausalLM
-from tests.swarm_processes import local_swarm
+from petald.local_swarm import local_swarm
 
 FAST = ["--throughput", "100", "--heartbeat", "2", "--expiry", "6", "--port", "0"]
 NEW_TOKENS = 16

@@ -12,9 +12,9 @@ from peft import LoraConfig, inject_adapter_in_model
 from transformers import AutoModelForCausalLM
 
 from petal_client.model import DistributedModelForCausalLM, DistributedModelForSequenceClassification
+from petald.local_swarm import local_swarm
 from petald.models.llama import positions_from_mask
 from petald.serving.span import Span
-from tests.swarm_processes import local_swarm
 
 FAST = ["--throughput", "100", "--heartbeat", "2", "--expiry", "6", "--port", "0"]
 BLOCKS = 6

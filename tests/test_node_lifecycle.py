@@ -12,9 +12,9 @@ import torch
 import trio
 
 from petal_client.model import DistributedModelForCausalLM
+from petald.local_swarm import local_swarm
 from petald.p2p.wire import OpenSession
 from petald.serving.span import Span
-from tests.swarm_processes import local_swarm
 from tests.test_protocol_abuse import client, expect_error, hidden_states, new_stream, open_session, send, step
 
 

@@ -18,6 +18,7 @@ import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.io.exceptions import IOException
 
+from petald.local_swarm import NodeProcess, local_swarm
 from petald.p2p.host import connect, open_host
 from petald.p2p.wire import (
     BackwardRequest,
@@ -39,7 +40,6 @@ from petald.p2p.wire import (
     write_message,
 )
 from petald.serving.handlers import BACKWARD_PROTOCOL, FORWARD_PROTOCOL, INFERENCE_PROTOCOL, INFO_PROTOCOL
-from tests.swarm_processes import NodeProcess, local_swarm
 
 BLOCKS = 6
 HIDDEN = 64

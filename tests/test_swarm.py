@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.swarm_processes import local_swarm
+from petald.local_swarm import local_swarm
 
 pytestmark = pytest.mark.real_model
 PROMPT = "The three most important inventions of the twentieth century are"

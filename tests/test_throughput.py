@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from petald.local_swarm import local_swarm
 from petald.serving.throughput import (
     announced_throughput,
     cached_throughput,
@@ -15,7 +16,6 @@ from petald.serving.throughput import (
     throughput_cache_path,
     throughput_key,
 )
-from tests.swarm_processes import local_swarm
 
 
 class FakeMeasure:

@@ -1,4 +1,5 @@
-"""Real petald processes on 127.0.0.1 for tests: started with logs in files, always stopped by PID."""
+"""Real petald processes on this machine (127.0.0.1 or a network namespace), for tests, benchmarks and demos:
+started with logs in files, always stopped by PID."""
 
 from __future__ import annotations
 
