@@ -24,14 +24,8 @@ from petald.p2p.host import full_addrs, load_or_create_identity, open_host, peer
 from petald.serving.balance import SpanInfo, choose_span, move_candidates, should_move
 from petald.serving.cache import CacheBudget
 from petald.serving.handlers import (
-    BACKWARD_PROTOCOL,
-    FORWARD_PROTOCOL,
-    INFERENCE_PROTOCOL,
-    INFO_PROTOCOL,
-    PUSH_PROTOCOL,
     ServingOptions,
     SpanServer,
-    open_push_stream,
 )
 from petald.serving.span import Span
 from petald.serving.throughput import (
@@ -96,12 +90,7 @@ async def run_server(config: NodeConfig) -> None:
             span = await _load_span(model_dir, start, end, config)
             server = SpanServer(span, _serving_options(config, model_name))
             server.throughput = config.throughput or await _measure_throughput(host, config, key, span)
-            host.set_stream_handler(INFERENCE_PROTOCOL, server.handle_inference)
-            host.set_stream_handler(INFO_PROTOCOL, server.handle_info)
-            host.set_stream_handler(PUSH_PROTOCOL, server.handle_push)
-            host.set_stream_handler(FORWARD_PROTOCOL, server.handle_forward)
-            host.set_stream_handler(BACKWARD_PROTOCOL, server.handle_backward)
-            server.open_push_stream = functools.partial(open_push_stream, host)
+            server.attach(host)
             await announcer.publish(state=ServerState.ONLINE, throughput=server.throughput)
             log.info("serving blocks %d:%d of %s at %.1f blocks*steps/s", start, end, model_name, server.throughput)
             async with trio.open_nursery() as nursery:

@@ -94,7 +94,7 @@ class SpanServer:
         self.sessions_done = trio.Event()
         self.live: dict[tuple[str, int], LiveSession] = {}
         self.push_streams: dict[str, object] = {}  # next server's peer id -> open push stream
-        self.open_push_stream = _no_push  # set by the node: opens a PUSH_PROTOCOL stream to a NextHop
+        self.host = None  # the libp2p host it serves on (attach), through which it also pushes
         # max_length stays the protocol's own bound: the budget check answers a too-long session with
         # "cache_full" and the room left, which a client can act on
         self.limits = Limits(
@@ -102,6 +102,15 @@ class SpanServer:
             max_batch_size=options.max_batch_size,
             max_forward_tokens=options.max_forward_tokens,
         )
+
+    def attach(self, host) -> None:
+        """Answer this server's protocols on `host`, and push steps to the next servers through it."""
+        self.host = host
+        host.set_stream_handler(INFERENCE_PROTOCOL, self.handle_inference)
+        host.set_stream_handler(INFO_PROTOCOL, self.handle_info)
+        host.set_stream_handler(PUSH_PROTOCOL, self.handle_push)
+        host.set_stream_handler(FORWARD_PROTOCOL, self.handle_forward)
+        host.set_stream_handler(BACKWARD_PROTOCOL, self.handle_backward)
 
     @property
     def accepting(self) -> bool:
@@ -239,7 +248,7 @@ class SpanServer:
             with trio.fail_after(PUSH_TIMEOUT):
                 stream = self.push_streams.get(hop.peer_id)
                 if stream is None:
-                    stream = self.push_streams[hop.peer_id] = await self.open_push_stream(hop)
+                    stream = self.push_streams[hop.peer_id] = await open_push_stream(self.host, hop)
                 await write_message(stream, message)
             return True
         except Exception as e:  # noqa: BLE001 - any failure falls back to the client sending it
@@ -383,6 +392,8 @@ async def _send_error(target, code: str, reason: str) -> None:
 
 async def open_push_stream(host, hop):
     """A push stream from this node to the server of `hop`, connecting first if needed."""
+    if host is None:
+        raise RuntimeError("this server is attached to no host: it cannot open streams")
     from libp2p.peer.id import ID
     from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
     from multiaddr import Multiaddr
@@ -391,10 +402,6 @@ async def open_push_stream(host, hop):
     addrs = [info_from_p2p_addr(Multiaddr(a)).addrs[0] for a in hop.addrs if a.endswith(f"/p2p/{hop.peer_id}")]
     await host.connect(PeerInfo(peer_id, addrs))
     return await host.new_stream(peer_id, [PUSH_PROTOCOL])
-
-
-async def _no_push(hop):
-    raise RuntimeError("this server cannot open streams")
 
 
 async def _close(stream) -> None:
