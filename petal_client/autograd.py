@@ -9,6 +9,7 @@ batches are cut into chunks that run at once, each on its own route drawn by thr
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 from dataclasses import dataclass
@@ -16,11 +17,12 @@ from dataclasses import dataclass
 import torch
 import trio
 
-from petal_client.routing import Hop, MissingBlocksError, throughput_weighted_route
-from petal_client.session import ServerFailure
-from petal_client.swarm import MISSING_REREADS, Swarm, served_name, usable_servers
+from petal_client.routing import Hop, throughput_weighted_route
+from petal_client.swarm import TRANSPORT_ERRORS, FailureCount, ServerFailure, Swarm, describe, served_name
 from petald.errors import PetalError
 from petald.p2p.wire import (
+    BACKWARD_PROTOCOL,
+    FORWARD_PROTOCOL,
     BackwardRequest,
     BackwardResult,
     ErrorReply,
@@ -30,7 +32,6 @@ from petald.p2p.wire import (
     read_message,
     write_message,
 )
-from petald.serving.handlers import BACKWARD_PROTOCOL, FORWARD_PROTOCOL
 
 log = logging.getLogger(__name__)
 REQUEST_TIMEOUT = 300.0
@@ -56,12 +57,14 @@ class RemoteCalls:
         self,
         swarm: Swarm,
         model: str,
+        num_blocks: int,
         start: int,
         end: int,
         adapter: str | None = None,
         rng: random.Random | None = None,
     ):
-        self.swarm, self.model, self.start, self.end, self.adapter = swarm, model, start, end, adapter
+        self.swarm, self.model, self.num_blocks, self.adapter = swarm, model, num_blocks, adapter
+        self.start, self.end = start, end
         self.rng = rng or random.Random()
         self.max_tokens_per_request = MAX_TOKENS_PER_REQUEST
         self.requests: list[Hop] = []  # every request sent, in order (how work spread; tests read it)
@@ -115,13 +118,14 @@ class RemoteCalls:
         self, hidden: torch.Tensor, mask: torch.Tensor, prompts: torch.Tensor | None
     ) -> tuple[torch.Tensor, list[HopInput]]:
         inputs: list[HopInput] = []
-        block, failures = self.start, []
+        block, failures = self.start, FailureCount(self.swarm.banned, MAX_FAILURES)
         while block < self.end:
             hop = (await self._route(block, self.end))[0]  # drawn hop by hop: a failure re-draws from here
             try:
                 reply = await self._request(hop, FORWARD_PROTOCOL, self._forward_request(hop, hidden, mask, prompts))
             except ServerFailure as failure:
-                self._failed(failure, failures)
+                log.warning("%s; routing around it", failure)
+                failures.record(failure)
                 continue
             inputs.append(HopInput(hop, hidden))
             hidden, block = reply.hidden, hop.end
@@ -131,7 +135,7 @@ class RemoteCalls:
         self, inputs: list[HopInput], grad: torch.Tensor, mask: torch.Tensor, prompts: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         grad_prompts = torch.zeros_like(prompts) if prompts is not None else None
-        failures: list[ServerFailure] = []
+        failures = FailureCount(self.swarm.banned, MAX_FAILURES)
         for record in reversed(inputs):
             hop = record.hop
             preferred = [hop]  # the server that ran the forward pass, unless it failed since
@@ -141,7 +145,8 @@ class RemoteCalls:
                     grad, hop_grad_prompts = await self._backward_route(route, record.hidden, grad, mask, prompts)
                     break
                 except ServerFailure as failure:
-                    self._failed(failure, failures)
+                    log.warning("%s; routing around it", failure)
+                    failures.record(failure)
                     preferred = []
             if grad_prompts is not None:
                 grad_prompts[hop.start - self.start : hop.end - self.start] += hop_grad_prompts
@@ -181,26 +186,17 @@ class RemoteCalls:
         return ForwardRequest(self.model, hop.start, hop.end, hidden, mask, hop_prompts, self.adapter)
 
     async def _route(self, start: int, end: int) -> list[Hop]:
-        """A throughput-weighted route through [start, end) over usable servers (re-reading the swarm a few
-        times if none covers it)."""
-        blocks = range(self.start, self.end)
-        view = await self.swarm.watch(self.model, blocks)
-        for rereads in range(MISSING_REREADS + 1):
-            usable = [status.span() for status in usable_servers(view, self.swarm.banned, self.adapter).values()]
-            try:
-                return throughput_weighted_route(
-                    usable, start, end, self.rng, model=served_name(self.model, self.adapter)
-                )
-            except MissingBlocksError:
-                if rereads == MISSING_REREADS:
-                    raise
-                await self.swarm.reread(self.model, blocks, view, rereads + 1)
-        raise AssertionError("unreachable")
+        """A throughput-weighted route through [start, end) over usable servers."""
+        choose = functools.partial(
+            throughput_weighted_route, start=start, end=end, rng=self.rng, model=served_name(self.model, self.adapter)
+        )
+        route, _ = await self.swarm.route(self.model, self.num_blocks, self.adapter, choose)
+        return route
 
     async def _request(self, hop: Hop, protocol: str, request: ForwardRequest):
         """Send one request to the server of `hop`; ServerFailure if it fails or refuses for its own reasons."""
         self.requests.append(hop)
-        status = (await self.swarm.watch(self.model, range(self.start, self.end))).servers.get(hop.peer_id)
+        status = (await self.swarm.watch(self.model, self.num_blocks)).servers.get(hop.peer_id)
         if status is None:
             raise ServerFailure(hop.peer_id, "gone from the swarm")
         expect = BackwardResult if isinstance(request, BackwardRequest) else ForwardResult
@@ -208,7 +204,7 @@ class RemoteCalls:
             self._in_flight = trio.CapacityLimiter(MAX_REQUESTS_IN_FLIGHT)
         async with self._in_flight:
             try:
-                stream = await self.swarm.open_stream(status.entry, protocol)
+                stream = await self.swarm.open_stream(status, protocol)
                 try:
                     with trio.fail_after(REQUEST_TIMEOUT):
                         await write_message(stream, request)
@@ -216,8 +212,8 @@ class RemoteCalls:
                 finally:
                     with trio.move_on_after(5):
                         await stream.close()
-            except Exception as e:
-                raise ServerFailure(hop.peer_id, f"{request.TYPE} request: {e!r}") from e
+            except TRANSPORT_ERRORS as e:
+                raise ServerFailure(hop.peer_id, f"{request.TYPE} request: {describe(e)}") from e
         if isinstance(reply, ErrorReply):
             if reply.code in CALLER_ERRORS:
                 raise PetalError(f"server {hop.peer_id[:16]}… refused a {request.TYPE} request: {reply.reason}")
@@ -227,13 +223,6 @@ class RemoteCalls:
         if got != wanted:
             raise ServerFailure(hop.peer_id, f"answered with shape {list(got)}, not {list(wanted)}")
         return reply
-
-    def _failed(self, failure: ServerFailure, failures: list[ServerFailure]) -> None:
-        failures.append(failure)
-        log.warning("%s; routing around it", failure)
-        if len(failures) > MAX_FAILURES:
-            raise PetalError(f"gave up after {MAX_FAILURES} server failures; last: {failure}") from failure
-        self.swarm.banned.ban(failure.peer_id)
 
 
 async def _run_all(run, chunks: list[slice]) -> None:

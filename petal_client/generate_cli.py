@@ -22,7 +22,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="petal-generate", description="Generate text through a Petal swarm.")
     parser.add_argument("prompt", nargs="?", help="the prompt (omit with --chat)")
     parser.add_argument("--model", default="smollm2-135m", help="built-in name, local directory or hub id")
-    parser.add_argument("--initial-peers", nargs="+", required=True, metavar="MULTIADDR")
+    parser.add_argument(
+        "--initial-peers",
+        nargs="+",
+        action="extend",
+        required=True,
+        metavar="MULTIADDR",
+        help="peers to join the swarm through (multiaddrs start with /; a prompt may follow them)",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--greedy", action="store_true", help="greedy decoding (the default unless --temperature)")
     parser.add_argument("--temperature", type=float, help="sample with this temperature")
@@ -31,16 +38,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--raw", action="store_true", help="do not apply the model's chat template")
     parser.add_argument("--chat", action="store_true", help="interactive chat that keeps one session")
     parser.add_argument("--max-length", type=int, default=2048, help="tokens reserved for a --chat session")
+    speculation = parser.add_mutually_exclusive_group()
+    speculation.add_argument(
+        "--draft-model",
+        metavar="DIR",
+        help="speculative decoding with this local draft model (a directory or built-in name sharing the tokenizer)",
+    )
+    speculation.add_argument(
+        "--prompt-lookup",
+        type=int,
+        metavar="N",
+        help="speculative decoding with up to N drafts from the prompt's n-grams",
+    )
     args = parser.parse_args(argv)
+    # `--initial-peers ADDR "prompt"`: argparse gives the prompt to --initial-peers; multiaddrs start with "/"
+    while args.initial_peers and not args.initial_peers[-1].startswith("/") and args.prompt is None:
+        args.prompt = args.initial_peers.pop()
+    if not args.initial_peers or any(not addr.startswith("/") for addr in args.initial_peers):
+        parser.error("--initial-peers takes multiaddrs like /ip4/203.0.113.7/tcp/31330/p2p/12D3Koo…")
     if args.greedy and (args.temperature is not None or args.top_p is not None or args.top_k is not None):
         parser.error("--greedy takes no --temperature, --top-p or --top-k")
     if not args.chat and not args.prompt:
         parser.error("give a PROMPT, or --chat")
+    if args.chat and (args.draft_model or args.prompt_lookup):
+        parser.error("--draft-model and --prompt-lookup work on one prompt, not with --chat")
+    if args.prompt_lookup is not None and args.prompt_lookup < 1:
+        parser.error("--prompt-lookup takes a number of draft tokens >= 1")
     quiet_libp2p_logs()
 
     from petal_client.model import DistributedModelForCausalLM
     from petald.errors import PetalError
 
+    model = None
     try:
         model = DistributedModelForCausalLM.from_pretrained(args.model, initial_peers=args.initial_peers)
         sampling = dict(
@@ -52,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         if args.chat:
             return _chat(model, args, sampling)
+        if args.draft_model:
+            sampling["assistant_model"] = _draft_model(args.draft_model)
+        if args.prompt_lookup:
+            sampling["prompt_lookup_num_tokens"] = args.prompt_lookup
         input_ids = _encode(model.tokenizer, [{"role": "user", "content": args.prompt}], args.raw, args.prompt)
         model.generate(
             input_ids, streamer=_StdoutStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True), **sampling
@@ -59,7 +92,22 @@ def main(argv: list[str] | None = None) -> int:
     except PetalError as e:
         print(f"petal-generate: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: the step under way was cancelled and the session closed
+        print("\npetal-generate: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if model is not None:
+            model.close()
     return 0
+
+
+def _draft_model(name: str):
+    """The whole draft model, run here (it must share the swarm model's tokenizer)."""
+    from transformers import AutoModelForCausalLM
+
+    from petald.models.checkpoints import checkpoint_dir
+
+    return AutoModelForCausalLM.from_pretrained(checkpoint_dir(name)).eval()
 
 
 def _encode(tokenizer, messages: list[dict], raw: bool, prompt: str):

@@ -92,12 +92,14 @@ def generate(
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
     streamer=None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Extend the conversation by up to `max_new_tokens` tokens per row; return every token of it.
 
     `parts` is the client's embeddings / final norm / LM head; `input_ids` [B, T] are left-padded
     where `attention_mask` says so. Greedy unless `do_sample`. `streamer` follows transformers'
-    streamer protocol (put the prompt, then each new token; end)."""
+    streamer protocol (put the prompt, then each new token; end). `generator` draws the samples (default:
+    torch's global one), so concurrent generations can each be reproducible."""
     if input_ids.ndim != 2:
         raise GenerationError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
     if max_new_tokens < 0:
@@ -125,7 +127,7 @@ def generate(
         logits = parts.logits(hidden[:, -1]).float()
         if do_sample:
             scores = processors(conversation.token_ids, logits)
-            next_ids = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+            next_ids = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1, generator=generator).squeeze(1)
         else:
             next_ids = logits.argmax(dim=-1)
         if pad_token_id is not None:

@@ -17,12 +17,17 @@ class LocalSession:
         self._steps: list[tuple[Span, SpanSession]] = [(s, s.new_session(batch_size, max_length)) for s in spans]
 
     def step(
-        self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None, prompts: torch.Tensor | None = None
+        self,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        prompts: torch.Tensor | None = None,
+        position: int | None = None,
     ) -> torch.Tensor:
+        """New tokens through every span; with `position`, after the first `position` tokens only (a rewind)."""
         first = self._steps[0][0].start if self._steps else 0
         for span, session in self._steps:
             span_prompts = None if prompts is None else prompts[span.start - first : span.end - first]
-            hidden = span.step(session, hidden, attention_mask, span_prompts)
+            hidden = span.step(session, hidden, attention_mask, span_prompts, position)
         return hidden
 
     def close(self) -> None:

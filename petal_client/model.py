@@ -7,6 +7,7 @@ the client; the frozen blocks run forward and backward on the servers."""
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from types import EllipsisType
@@ -17,8 +18,9 @@ from torch.nn import functional as F
 from transformers import AutoTokenizer, PretrainedConfig
 from transformers.modeling_outputs import CausalLMOutput, SequenceClassifierOutput
 
-from petal_client.generation import BlockSession, Conversation, generate
+from petal_client.generation import BlockSession, Conversation, GenerationError, generate, sampling_processors
 from petal_client.local import LocalBlocks
+from petal_client.speculative import AssistantDraft, PromptLookupDraft, SpeculativeStats, speculative_generate
 from petald.models.checkpoints import checkpoint_dir, swarm_model_name
 from petald.models.loading import load_client_parts
 
@@ -81,7 +83,25 @@ class DistributedModelForCausalLM(nn.Module):
             )
         elif pre_seq_len:
             raise ValueError("pre_seq_len needs a tuning_mode (ptune or deep_ptune)")
-        self._conversation: Conversation | None = None
+        self._active = threading.local()  # the inference session a thread has open: threads do not share one
+
+    @property
+    def _conversation(self) -> Conversation | None:
+        return getattr(self._active, "conversation", None)
+
+    def close(self) -> None:
+        """Leave the swarm (closing this thread's open inference session); the model cannot be used after."""
+        if self._conversation is not None:
+            self._conversation.close()
+        swarm = getattr(self.blocks, "swarm", None)
+        if swarm is not None:
+            swarm.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @classmethod
     def from_pretrained(
@@ -99,7 +119,8 @@ class DistributedModelForCausalLM(nn.Module):
         """Load the client's parts of `model` locally and reach its blocks through the swarm.
 
         `model` is a built-in name, a local checkpoint directory or a hub id; the swarm knows it as
-        `swarm_name` (default: the built-in or hub name, or a directory's last part). With `server_push`,
+        `swarm_name` (default: the built-in or hub name, or a directory's last part); the model owns its
+        connection to the swarm: `close()` it, or use `with ... as model:`. With `server_push`,
         each server sends its output straight to the next one (the client still gets every output, for
         failover); without, the client visits each server in turn. `tuning_mode` "ptune" or "deep_ptune"
         adds `pre_seq_len` trainable prompts; `active_adapter` runs the blocks with a LoRA adapter that
@@ -111,7 +132,7 @@ class DistributedModelForCausalLM(nn.Module):
         parts, config = load_client_parts(model_dir)
         name = swarm_name or swarm_model_name(model)
         swarm = Swarm(initial_peers)
-        blocks = RemoteSequential(swarm, name, 0, config.num_hidden_layers, server_push, active_adapter)
+        blocks = RemoteSequential(swarm, name, config.num_hidden_layers, push=server_push, adapter=active_adapter)
         return cls(parts, config, _tokenizer(model_dir), blocks, name, tuning_mode, pre_seq_len, **kwargs)
 
     @classmethod
@@ -144,20 +165,21 @@ class DistributedModelForCausalLM(nn.Module):
 
     @contextlib.contextmanager
     def inference_session(self, max_length: int, batch_size: int = 1) -> Iterator[Conversation]:
-        """Reserve caches for `max_length` tokens; `generate` calls inside continue one conversation."""
+        """Reserve caches for `max_length` tokens; `generate` calls inside (in this thread) continue one
+        conversation. Other threads may open sessions of their own on the same model at the same time."""
         if self._conversation is not None:
-            raise RuntimeError("an inference session is already open on this model")
+            raise RuntimeError("an inference session is already open on this model in this thread")
         if self.prompts is None:
             blocks = self.blocks.inference_session(batch_size, max_length)
         else:
             blocks = PrefixedSession(self.blocks.inference_session(batch_size, max_length + self.prompts.pre_seq_len))
             blocks.prompts, blocks.max_length = self.prompts, max_length
         conversation = Conversation(blocks)
-        self._conversation = conversation
+        self._active.conversation = conversation
         try:
             yield conversation
         finally:
-            self._conversation = None
+            self._active.conversation = None
             conversation.close()
 
     def generate(
@@ -172,24 +194,58 @@ class DistributedModelForCausalLM(nn.Module):
         top_p: float | None = None,
         streamer=None,
         eos_token_id: int | list[int] | None | EllipsisType = ...,
+        generator: torch.Generator | None = None,
+        assistant_model: nn.Module | None = None,
+        prompt_lookup_num_tokens: int | None = None,
     ) -> torch.Tensor:
         """Generate like transformers: returns the prompt followed by the new tokens, [B, T + new].
 
-        Stops at the model's end-of-sequence token unless `eos_token_id` names others (None: never)."""
+        Stops at the model's end-of-sequence token unless `eos_token_id` names others (None: never). With
+        `assistant_model` (a local causal LM sharing the tokenizer) or `prompt_lookup_num_tokens` (n-gram drafts
+        from the context), decoding is speculative: several tokens per step through the blocks, the same output
+        as plain greedy (or the same distribution when sampling); one sequence, in a session of its own."""
+        eos = self.config.eos_token_id if eos_token_id is ... else eos_token_id
+        if assistant_model is not None or prompt_lookup_num_tokens is not None:
+            processors = sampling_processors(temperature, top_k, top_p) if do_sample else None
+            return self._speculative(
+                input_ids, attention_mask, max_new_tokens, processors, eos, generator, streamer,
+                assistant_model, prompt_lookup_num_tokens,
+            )  # fmt: skip
         kwargs = dict(
             max_new_tokens=max_new_tokens,
             do_sample=do_sample,
             temperature=temperature,
             top_k=top_k,
             top_p=top_p,
-            eos_token_id=self.config.eos_token_id if eos_token_id is ... else eos_token_id,
+            eos_token_id=eos,
             pad_token_id=self.config.pad_token_id,
             streamer=streamer,
+            generator=generator,
         )
         if self._conversation is not None:
             return generate(self.parts, self._conversation, input_ids, attention_mask, **kwargs)
         with self.inference_session(input_ids.shape[1] + max_new_tokens, input_ids.shape[0]) as conversation:
             return generate(self.parts, conversation, input_ids, attention_mask, **kwargs)
+
+    def _speculative(
+        self, input_ids, attention_mask, max_new_tokens, processors, eos, generator, streamer, assistant, lookup
+    ) -> torch.Tensor:
+        if assistant is not None and lookup is not None:
+            raise GenerationError("give assistant_model or prompt_lookup_num_tokens, not both")
+        if self._conversation is not None:
+            raise GenerationError(
+                "speculative decoding runs in a session of its own: call it outside inference_session"
+            )
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise GenerationError("speculative decoding takes one unpadded sequence")
+        drafter = PromptLookupDraft(lookup) if lookup is not None else AssistantDraft(assistant, processors, generator)
+        self.last_speculation = SpeculativeStats()
+        with self.inference_session(input_ids.shape[1] + max_new_tokens) as conversation:
+            return speculative_generate(
+                self.parts, conversation.blocks, input_ids, drafter, max_new_tokens=max_new_tokens,
+                processors=processors, eos_token_id=eos, generator=generator, streamer=streamer,
+                stats=self.last_speculation,
+            )  # fmt: skip
 
     def forward(
         self,
@@ -247,9 +303,17 @@ class PrefixedSession:
         self.blocks = blocks
         self.started = False
 
-    def step(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def step(
+        self,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        prompts: torch.Tensor | None = None,
+        position: int | None = None,
+    ) -> torch.Tensor:
         if self.started:
-            return self.blocks.step(hidden, attention_mask)
+            if position is not None:
+                position += self.prompts.pre_seq_len  # the caller counts its own tokens, not the prefix
+            return self.blocks.step(hidden, attention_mask, position=position)
         if attention_mask is None:
             attention_mask = torch.ones(hidden.shape[:2], dtype=torch.long)
         hidden, attention_mask = self.prompts.prepend(hidden, attention_mask)

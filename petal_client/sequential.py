@@ -17,12 +17,25 @@ class RemoteSequential(nn.Module):
     works through it (backward requests); `inference_session` keeps per-server caches for step-by-step
     generation. With `adapter`, only servers serving that LoRA adapter are used, and they apply it."""
 
-    def __init__(self, swarm: Swarm, model: str, start: int, end: int, push: bool = True, adapter: str | None = None):
+    def __init__(
+        self,
+        swarm: Swarm,
+        model: str,
+        num_blocks: int,
+        start: int | None = None,
+        end: int | None = None,
+        push: bool = True,
+        adapter: str | None = None,
+    ):
+        """Blocks [start, end) (default: all) of `model`, which has `num_blocks` blocks."""
         super().__init__()
-        self.swarm, self.model, self.start, self.end = swarm, model, start, end
+        start, end = 0 if start is None else start, num_blocks if end is None else end
+        if not 0 <= start < end <= num_blocks:
+            raise IndexError(f"blocks {start}:{end} are not inside {model}'s {num_blocks} blocks")
+        self.swarm, self.model, self.num_blocks, self.start, self.end = swarm, model, num_blocks, start, end
         self.push = push  # server-to-server push (False: the client visits each server in turn)
         self.adapter = adapter
-        self.calls = RemoteCalls(swarm, model, start, end, adapter)
+        self.calls = RemoteCalls(swarm, model, num_blocks, start, end, adapter)
 
     def __len__(self) -> int:
         return self.end - self.start
@@ -33,7 +46,9 @@ class RemoteSequential(nn.Module):
         first, last, stride = index.indices(len(self))
         if stride != 1 or first >= last:
             raise IndexError(f"remote blocks take contiguous, non-empty slices; got {index}")
-        return RemoteSequential(self.swarm, self.model, self.start + first, self.start + last, self.push, self.adapter)
+        return RemoteSequential(
+            self.swarm, self.model, self.num_blocks, self.start + first, self.start + last, self.push, self.adapter
+        )
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))
@@ -44,7 +59,15 @@ class RemoteSequential(nn.Module):
 
     def inference_session(self, batch_size: int, max_length: int) -> RemoteInferenceSession:
         return RemoteInferenceSession(
-            self.swarm, self.model, self.start, self.end, batch_size, max_length, self.push, self.adapter
+            self.swarm,
+            self.model,
+            self.num_blocks,
+            self.start,
+            self.end,
+            batch_size,
+            max_length,
+            self.push,
+            self.adapter,
         )
 
     def forward(

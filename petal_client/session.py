@@ -3,17 +3,18 @@ and failover that replays that history to replacement servers."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import uuid
 
 import torch
 import trio
 
-from petal_client.routing import Hop, MissingBlocksError, min_latency_route
-from petal_client.swarm import MISSING_REREADS, Swarm, served_name, usable_servers
+from petal_client.routing import Hop, min_latency_route
+from petal_client.swarm import TRANSPORT_ERRORS, FailureCount, ServerFailure, ServerStatus, Swarm, describe, served_name
 from petald.errors import PetalError
-from petald.p2p.dht import ServerEntry
 from petald.p2p.wire import (
+    INFERENCE_PROTOCOL,
     CloseSession,
     ErrorReply,
     Limits,
@@ -25,61 +26,55 @@ from petald.p2p.wire import (
     read_message,
     write_message,
 )
-from petald.serving.handlers import INFERENCE_PROTOCOL
 
 log = logging.getLogger(__name__)
 STEP_TIMEOUT = 120.0
 MAX_FAILOVERS = 8
 
 
-class ServerFailure(PetalError):
-    """A server failed during a session (error reply, closed stream, or timeout)."""
-
-    def __init__(self, peer_id: str, reason: str, code: str = "failure"):
-        super().__init__(f"server {peer_id[:16]}… failed: {reason}")
-        self.peer_id = peer_id
-        self.code = code
+class SessionBroken(PetalError):
+    """The session cannot go on (it was interrupted mid-step, or closed): open a new one."""
 
 
 class RemoteSpanSession:
     """One inference session with one server over one long-lived stream (runs on the swarm's loop)."""
 
-    def __init__(self, hop: Hop, entry: ServerEntry, stream):
+    def __init__(self, hop: Hop, server: ServerStatus, stream):
         self.hop = hop
-        self.entry = entry
+        self.server = server
         self.stream = stream
 
     @classmethod
-    async def open(cls, swarm: Swarm, entry: ServerEntry, hop: Hop, request: OpenSession) -> RemoteSpanSession:
+    async def open(cls, swarm: Swarm, server: ServerStatus, hop: Hop, request: OpenSession) -> RemoteSpanSession:
         try:
-            stream = await swarm.open_stream(entry, INFERENCE_PROTOCOL)
+            stream = await swarm.open_stream(server, INFERENCE_PROTOCOL)
             with trio.fail_after(STEP_TIMEOUT):
                 await write_message(stream, request)
                 reply = await read_message(stream, Limits(), expect=(SessionOpened,))
-        except Exception as e:
-            raise ServerFailure(hop.peer_id, f"could not open a session: {e!r}") from e
+        except TRANSPORT_ERRORS as e:
+            raise ServerFailure(hop.peer_id, f"could not open a session: {describe(e)}") from e
         if isinstance(reply, ErrorReply):
             raise ServerFailure(hop.peer_id, reply.reason, reply.code)
-        return cls(hop, entry, stream)
+        return cls(hop, server, stream)
 
     def next_hop(self, session_id: str) -> NextHop:
         """How the previous server on the route pushes to this session."""
-        return NextHop(self.hop.peer_id, self.entry.addrs[:8], session_id, self.hop.start)
+        return NextHop(self.hop.peer_id, self.server.addrs[:8], session_id, self.hop.start)
 
     async def send(self, step: Step) -> None:
         try:
             with trio.fail_after(STEP_TIMEOUT):
                 await write_message(self.stream, step)
-        except Exception as e:
-            raise ServerFailure(self.hop.peer_id, f"step {step.step}: {e!r}") from e
+        except TRANSPORT_ERRORS as e:
+            raise ServerFailure(self.hop.peer_id, f"step {step.step}: {describe(e)}") from e
 
     async def receive(self, step_id: int, shape: torch.Size) -> StepResult:
         """This server's result for `step_id` (sent by us, or pushed to it by the previous server)."""
         try:
             with trio.fail_after(STEP_TIMEOUT):
                 reply = await read_message(self.stream, Limits(), expect=(StepResult,))
-        except Exception as e:
-            raise ServerFailure(self.hop.peer_id, f"step {step_id}: {e!r}") from e
+        except TRANSPORT_ERRORS as e:
+            raise ServerFailure(self.hop.peer_id, f"step {step_id}: {describe(e)}") from e
         if isinstance(reply, ErrorReply):
             raise ServerFailure(self.hop.peer_id, reply.reason, reply.code)
         if reply.step != step_id or reply.hidden.shape != shape:
@@ -93,11 +88,15 @@ class RemoteSpanSession:
         return (await self.receive(step_id, hidden.shape)).hidden
 
     async def close(self) -> None:
-        with trio.move_on_after(5):
+        """Tell the server the session is over (it frees the cache), then close the stream; never raises."""
+        with trio.move_on_after(5, shield=True):
             try:
                 await write_message(self.stream, CloseSession())
+            except TRANSPORT_ERRORS:  # the server may already be gone
+                pass
+            try:
                 await self.stream.close()
-            except Exception:  # noqa: BLE001 - the server may already be gone
+            except TRANSPORT_ERRORS:
                 pass
 
 
@@ -111,6 +110,7 @@ class RemoteInferenceSession:
         self,
         swarm: Swarm,
         model: str,
+        num_blocks: int,
         start: int,
         end: int,
         batch_size: int,
@@ -118,7 +118,7 @@ class RemoteInferenceSession:
         push: bool = True,
         adapter: str | None = None,
     ):
-        self.swarm, self.model, self.start, self.end = swarm, model, start, end
+        self.swarm, self.model, self.num_blocks, self.start, self.end = swarm, model, num_blocks, start, end
         self.adapter = adapter  # only servers serving this LoRA adapter are used, and they apply it
         self.push = push  # servers pass each step on to the next server; False: the client visits each (star)
         self.steps = 0
@@ -128,31 +128,81 @@ class RemoteInferenceSession:
         self.route: list[RemoteSpanSession] = []
         self.history: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # hop start -> inputs
         self.prompts: torch.Tensor | None = None  # deep prompts of the first step, sent again with every replay
-        self.failovers = 0
+        self.failures = FailureCount(swarm.banned, MAX_FAILOVERS)
+        self.broken: str | None = None  # why the session cannot go on, once it cannot
+        self.length = 0  # tokens in the servers' caches of this session (and in the history of every hop)
+
+    @property
+    def failovers(self) -> int:
+        return self.failures.failures
 
     def step(
-        self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None, prompts: torch.Tensor | None = None
+        self,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        prompts: torch.Tensor | None = None,
+        position: int | None = None,
     ) -> torch.Tensor:
         """Run new tokens through every block; `prompts` [blocks, B or 1, P, H] (deep prompts) only with the
-        first step."""
+        first step. With `position`, the new tokens follow the first `position` tokens of the session: the
+        servers drop the rest of their caches (a rewind, e.g. of rejected draft tokens), and so does the history."""
+        if self.broken:
+            raise SessionBroken(f"this inference session {self.broken}: open a new one")
+        if position is not None and not 0 <= position <= self.length:
+            raise PetalError(f"cannot start a step at position {position}: the session holds {self.length} tokens")
         if attention_mask is None:
             attention_mask = torch.ones(hidden.shape[:2], dtype=torch.long)
         if prompts is not None:
             if self.steps:
                 raise PetalError("deep prompts go only with a session's first step")
             self.prompts = prompts.detach().float()
-        return self.swarm.run(self._step, hidden, attention_mask.long(), prompts is not None)
+        return self.swarm.run(self._step, hidden, attention_mask.long(), prompts is not None, position)
 
     def close(self) -> None:
-        self.swarm.run(self._close)
+        """Close the session on every server (they free its cache); the session cannot be used after."""
+        self.broken = self.broken or "was closed"
+        if self.route:
+            self.swarm.run(self._close)
 
     async def _close(self) -> None:
-        for session in self.route:
+        route, self.route = self.route, []
+        for session in route:
             await session.close()
-        self.route = []
 
-    async def _step(self, hidden: torch.Tensor, attention_mask: torch.Tensor, with_prompts: bool) -> torch.Tensor:
-        view = await self.swarm.watch(self.model, range(self.start, self.end))
+    async def _step(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor, with_prompts: bool, position: int | None
+    ) -> torch.Tensor:
+        try:
+            if position is not None and position < self.length:
+                self._rewind_history(position)
+            else:
+                position = None  # nothing to drop: an ordinary step
+            output = await self._run_step(hidden, attention_mask, with_prompts, rewind_to=position)
+            self.length += hidden.shape[1]
+            return output
+        except trio.Cancelled:
+            # stopped mid-step (Ctrl-C): the servers' caches no longer match the history; free them
+            self.broken = "was interrupted in the middle of a step"
+            await self._close()
+            raise
+
+    def _rewind_history(self, position: int) -> None:
+        """Keep the first `position` tokens of every hop's history (what a replay rebuilds after a rewind)."""
+        for block, inputs in self.history.items():
+            kept, length = [], 0
+            for hidden, mask in inputs:
+                if length + hidden.shape[1] > position:
+                    hidden, mask = hidden[:, : position - length], mask[:, : position - length]
+                if hidden.shape[1]:
+                    kept.append((hidden, mask))
+                length += hidden.shape[1]
+            self.history[block] = kept
+        self.length = position
+
+    async def _run_step(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor, with_prompts: bool, rewind_to: int | None
+    ) -> torch.Tensor:
+        view = await self.swarm.watch(self.model, self.num_blocks)
         if not self.route:
             self.route = await self._open_route(self.start, self.end)
         # ids are odd for steps, even for replays, so a replay fits before the step that needs it
@@ -162,10 +212,10 @@ class RemoteInferenceSession:
         while block < self.end:
             session = self.route[position]
             # re-checked at every step: a server that went OFFLINE (draining), stopped answering pings or
-            # left the DHT is replaced before it is asked for anything
+            # left the DHT, or moved off these blocks, is replaced before it is asked for anything
             status = view.servers.get(session.hop.peer_id)
-            if not arrived and (status is None or not status.usable):
-                state = "gone from the swarm" if status is None else status.state.lower()
+            if not arrived and not _still_serves(status, session.hop):
+                state = "gone from the swarm" if status is None else _state_words(status, session.hop)
                 await self._replace(position, ServerFailure(session.hop.peer_id, state, "moved"), step_id - 1)
                 continue
             try:
@@ -174,7 +224,8 @@ class RemoteInferenceSession:
                     push = self.push and not with_prompts
                     onward = [s.next_hop(self.session_id) for s in self.route[position + 1 :]] if push else []
                     prompts = self._prompts_of(session.hop) if with_prompts else None
-                    await session.send(Step(step_id, hidden, attention_mask, onward, prompts))
+                    # a replacement rebuilt from the (rewound) history needs no rewind: its cache is that long already
+                    await session.send(Step(step_id, hidden, attention_mask, onward, prompts, rewind_to))
                 result = await session.receive(step_id, hidden.shape)
             except ServerFailure as failure:
                 await self._replace(position, failure, step_id - 1)
@@ -190,7 +241,7 @@ class RemoteInferenceSession:
         failed = self.route[position]
         await failed.close()
         log.warning("%s; routing blocks %d:%d around it", failure, failed.hop.start, failed.hop.end)
-        self._count_failure(failure)
+        self.failures.record(failure)
         while True:
             replacement = await self._open_route(failed.hop.start, failed.hop.end)
             try:
@@ -199,14 +250,8 @@ class RemoteInferenceSession:
             except ServerFailure as again:
                 for session in replacement:
                     await session.close()
-                self._count_failure(again)
+                self.failures.record(again)
         self.route[position : position + 1] = replacement
-
-    def _count_failure(self, failure: ServerFailure) -> None:
-        self.failovers += 1
-        if self.failovers > MAX_FAILOVERS:
-            raise PetalError(f"gave up after {MAX_FAILOVERS} server failures; last: {failure}") from failure
-        self.swarm.banned.ban(failure.peer_id)
 
     async def _replay(self, replacement: list[RemoteSpanSession], replay_id: int) -> None:
         """Send every past input of the replaced blocks through `replacement` as one prefill."""
@@ -228,32 +273,35 @@ class RemoteInferenceSession:
 
     async def _open_route(self, start: int, end: int) -> list[RemoteSpanSession]:
         """Sessions on the best route through [start, end); servers that fail to open are banned and avoided."""
-        blocks = range(self.start, self.end)
-        view = await self.swarm.watch(self.model, blocks)
-        needed = self.batch_size * self.max_length
-        rereads = 0
+        choose = functools.partial(
+            min_latency_route,
+            start=start,
+            end=end,
+            cache_tokens_needed=self.batch_size * self.max_length,
+            model=served_name(self.model, self.adapter),
+        )
         while True:
-            usable = usable_servers(view, self.swarm.banned, self.adapter)
-            what = served_name(self.model, self.adapter)
-            try:
-                route = min_latency_route(
-                    [s.span() for s in usable.values()], start, end, cache_tokens_needed=needed, model=what
-                )
-            except MissingBlocksError:
-                rereads += 1
-                if rereads > MISSING_REREADS:
-                    raise
-                await self.swarm.reread(self.model, blocks, view, rereads)  # the view may predate a new server
-                continue
+            route, usable = await self.swarm.route(self.model, self.num_blocks, self.adapter, choose)
             sessions: list[RemoteSpanSession] = []
             try:
                 for hop in route:
                     request = OpenSession(
                         self.model, hop.start, hop.end, self.batch_size, self.max_length, self.session_id, self.adapter
                     )
-                    sessions.append(await RemoteSpanSession.open(self.swarm, usable[hop.peer_id].entry, hop, request))
+                    sessions.append(await RemoteSpanSession.open(self.swarm, usable[hop.peer_id], hop, request))
                 return sessions
             except ServerFailure as failure:
                 for session in sessions:
                     await session.close()
-                self._count_failure(failure)
+                self.failures.record(failure)
+
+
+def _still_serves(status: ServerStatus | None, hop: Hop) -> bool:
+    """Whether the server of `hop`, as last seen, can still run it: ONLINE and still holding its blocks."""
+    return status is not None and status.usable and status.start <= hop.start and hop.end <= status.end
+
+
+def _state_words(status: ServerStatus, hop: Hop) -> str:
+    if status.usable:
+        return f"moved to blocks {status.start}:{status.end}"
+    return str(status.state).lower()

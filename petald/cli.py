@@ -64,7 +64,8 @@ NODE_OPTIONS_HELP = {
     "adapters": "LoRA adapters to serve, each NAME=PATH (a peft adapter directory); clients pick one by name",
     "max_cache_tokens": "KV cache budget in tokens (batch x length)",
     "max_batch_size": "largest batch a session may open",
-    "max_forward_tokens": "largest batch x tokens of one forward or backward (training) request",
+    "max_forward_tokens": "largest batch x tokens of one forward or backward (training) request (backward: at most "
+    "4096)",
     "throughput": "announce this throughput (blocks x steps / s) instead of measuring it (measured once, cached)",
     "heartbeat": "seconds between re-announcements",
     "expiry": "seconds an announcement stays valid",

@@ -79,6 +79,11 @@ class NodeConfig:
             raise ConfigError("no model: give --model (a built-in name such as smollm2-135m, or a directory)")
         if (self.blocks is None) == (self.num_blocks is None):
             raise ConfigError("give exactly one of --blocks A:B and --num-blocks N")
+        bounds = self.span_bounds()
+        if bounds is not None and not 0 <= bounds[0] < bounds[1]:
+            raise ConfigError(f"blocks {self.blocks} is empty or negative: give A:B with 0 <= A < B, e.g. 10:20")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ConfigError(f"num_blocks must be 1 or more, got {self.num_blocks}")
         if not 0 < self.balance_quality <= 1:
             raise ConfigError(f"balance_quality must be in (0, 1], got {self.balance_quality}")
         self.adapter_paths()
@@ -91,8 +96,10 @@ class NodeConfig:
             raise ConfigError("--new-swarm starts a swarm of its own: it takes no --initial-peers")
         if not self.new_swarm and not self.initial_peers:
             raise ConfigError("give --initial-peers MULTIADDR ... to join a swarm, or --new-swarm to start one")
-        if self.quant not in ("none", "int8", "nf4"):
-            raise ConfigError(f"quant must be none, int8 or nf4, got {self.quant!r}")
+        from petald.p2p.dht import QUANTS  # imports libp2p: only when a node is about to start
+
+        if self.quant not in QUANTS:
+            raise ConfigError(f"quant must be one of {', '.join(QUANTS)}, got {self.quant!r}")
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"log_format must be text or json, got {self.log_format!r}")
         if self.expiry <= self.heartbeat:

@@ -9,8 +9,12 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 ADDR = re.compile(r"^(/ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+)$", re.M)
 
@@ -76,6 +80,18 @@ class NodeProcess:
         self.process.wait(10)
 
 
+def wait_until(predicate: Callable[[], T], timeout: float, interval: float = 0.2, what: str = "") -> T:
+    """Poll `predicate` until it returns something true, and return that; AssertionError after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true within {timeout} s: {what or predicate}")
+        time.sleep(interval)
+
+
 class Swarm:
     """The nodes a test started; every one is killed at the end, even on failure."""
 
@@ -86,6 +102,18 @@ class Swarm:
         node = NodeProcess(list(args), self.log_dir / f"node{len(self.nodes)}.log", self.env)
         self.nodes.append(node)
         return node
+
+    def start_spans(self, model: str, spans: Sequence[str], *options: str) -> tuple[NodeProcess, list[NodeProcess]]:
+        """A DHT bootstrap node and one server per span ("A:B") of `model`, all serving; `options` go to every
+        server. Returns (bootstrap, servers)."""
+        bootstrap = self.start("dht", "--port", "0", "--new-swarm")
+        servers = [
+            self.start("start", "--model", model, "--blocks", span, "--initial-peers", bootstrap.addr, *options)
+            for span in spans
+        ]
+        for server in servers:
+            server.wait_serving()
+        return bootstrap, servers
 
     def stop_all(self) -> None:
         for node in self.nodes:

@@ -16,13 +16,14 @@ from pathlib import Path
 import trio
 
 import petald
-from petald.config import NodeConfig
-from petald.models.loading import load_config, num_blocks
+from petald.config import ConfigError, NodeConfig
+from petald.models.loading import check_span, load_config, num_blocks
 from petald.p2p.bandwidth import BANDWIDTH_PROTOCOL, handle_bandwidth_probe, measure_bandwidth
 from petald.p2p.dht import ServerEntry, ServerState, SwarmDHT, open_swarm_dht
 from petald.p2p.host import full_addrs, load_or_create_identity, open_host, peer_id_of
+from petald.p2p.swarm_map import current_entries, serving
+from petald.serving.adapters import load_lora_adapter
 from petald.serving.balance import SpanInfo, choose_span, move_candidates, should_move
-from petald.serving.cache import CacheBudget
 from petald.serving.handlers import (
     ServingOptions,
     SpanServer,
@@ -60,11 +61,10 @@ async def run_dht_node(config: NodeConfig) -> None:
 async def run_server(config: NodeConfig) -> None:
     """Join the swarm, claim a span (JOINING), load it, serve it (ONLINE); with --num-blocks, move it when the
     swarm needs it elsewhere; on SIGTERM, drain and leave."""
-    from petald.models.checkpoints import checkpoint_dir, swarm_model_name
+    from petald.models.checkpoints import swarm_model_name
 
-    model_dir = checkpoint_dir(config.model)
+    model_dir, total_blocks = check_model(config)
     model_name = swarm_model_name(config.model)
-    total_blocks = num_blocks(load_config(model_dir))
     key_pair = load_or_create_identity(config.identity)
     async with open_host(key_pair, (config.host, config.port)) as host:
         addrs = _public_addrs(full_addrs(host), config.public_host)
@@ -88,12 +88,12 @@ async def run_server(config: NodeConfig) -> None:
             announcer = _Announcer(dht, model_name, key_pair, total_blocks, config.expiry, entry)
             await announcer.publish()  # claim the span before the (slow) load, so others pick elsewhere
             span = await _load_span(model_dir, start, end, config)
-            server = SpanServer(span, _serving_options(config, model_name))
+            server = SpanServer(span, ServingOptions.from_config(config, model_name))
             server.throughput = config.throughput or await _measure_throughput(host, config, key, span)
-            server.attach(host)
-            await announcer.publish(state=ServerState.ONLINE, throughput=server.throughput)
-            log.info("serving blocks %d:%d of %s at %.1f blocks*steps/s", start, end, model_name, server.throughput)
             async with trio.open_nursery() as nursery:
+                server.attach(host, nursery)
+                await announcer.publish(state=ServerState.ONLINE, throughput=server.throughput)
+                log.info("serving blocks %d:%d of %s at %.1f blocks*steps/s", start, end, model_name, server.throughput)
                 nursery.start_soon(_heartbeat, announcer, server, config.heartbeat)
                 balancing = trio.CancelScope()
                 if config.num_blocks is not None and config.balance_period > 0:  # pinned --blocks never move
@@ -101,12 +101,37 @@ async def run_server(config: NodeConfig) -> None:
                 await _wait_for_stop_signal()
                 balancing.cancel()  # a move under way must not bring the node back ONLINE
                 log.info("stopping: announcing OFFLINE, refusing new sessions")
-                server.state = "OFFLINE"
+                server.stop_accepting()
                 with trio.move_on_after(STOP_ANNOUNCE_TIMEOUT):
                     await announcer.publish(state=ServerState.OFFLINE)
-                await _drain(server, config.drain_timeout)
+                await server.drain(
+                    config.drain_timeout,
+                    "unavailable",
+                    "this server stopped; the session's cache is gone: open a new session",
+                )
+                await server.stop()
                 nursery.cancel_scope.cancel()
     log.info("stopped")
+
+
+def check_model(config: NodeConfig) -> tuple[Path, int]:
+    """The model's checkpoint directory and block count, once everything a node can check before it starts holds:
+    the checkpoint is readable, --blocks / --num-blocks fit the model, and every adapter loads for it. Raises a
+    PetalError (CheckpointError, SpanError, AdapterError, ConfigError) naming what is wrong."""
+    from petald.models.checkpoints import check_checkpoint_dir, checkpoint_dir
+
+    model_dir = checkpoint_dir(config.model)
+    check_checkpoint_dir(model_dir)
+    model_config = load_config(model_dir)
+    total = num_blocks(model_config)
+    bounds = config.span_bounds()
+    if bounds is not None:
+        check_span(model_config, *bounds)
+    if config.num_blocks is not None and config.num_blocks > total:
+        raise ConfigError(f"num_blocks is {config.num_blocks}, but {model_dir.name} has {total} blocks")
+    for path in config.adapter_paths().values():
+        load_lora_adapter(path, model_config, 0, total)  # the whole model: a moving server may serve any blocks
+    return model_dir, total
 
 
 class _Announcer:
@@ -168,38 +193,16 @@ async def _choose_blocks(config: NodeConfig, dht: SwarmDHT, model: str, total_bl
 
 
 async def _live_servers(dht: SwarmDHT, model: str, total_blocks: int) -> dict[str, ServerEntry] | None:
-    """Peer id -> entry of every JOINING or ONLINE server (`current_entries`); None if the swarm could not be
-    read in time."""
+    """Peer id -> entry of every JOINING or ONLINE server; None if the swarm could not be read in time, or
+    did not answer for some blocks (a decision on half a picture is worse than none)."""
     with trio.move_on_after(SWARM_READ_TIMEOUT):
         try:
-            return current_entries(await dht.get_servers(model, range(total_blocks)))
+            return serving(current_entries(await dht.get_servers(model, range(total_blocks))))
         except Exception as e:  # a read failure skips one decision, it does not stop the node
             log.warning("reading the swarm failed: %r", e)
             return None
     log.warning("reading the swarm took over %.0f s", SWARM_READ_TIMEOUT)
     return None
-
-
-def current_entries(found: dict[int, dict[str, ServerEntry]]) -> dict[str, ServerEntry]:
-    """Peer id -> the entry that places each JOINING or ONLINE server, from the entries found per block.
-
-    A server's entry is its newest one that is not OFFLINE, unless a newer OFFLINE entry has the same span
-    (it left). A server that moved has OFFLINE entries under the blocks it left and JOINING or ONLINE ones
-    under its new blocks, and keeps its new place whichever of the two was announced first."""
-    by_peer: dict[str, list[ServerEntry]] = {}
-    for entries in found.values():
-        for peer, entry in entries.items():
-            by_peer.setdefault(peer, []).append(entry)
-    current = {}
-    for peer, entries in by_peer.items():
-        serving = [e for e in entries if e.state != ServerState.OFFLINE]
-        if not serving:
-            continue
-        latest = max(serving, key=lambda e: e.updated_at)
-        left = [e for e in entries if e.state == ServerState.OFFLINE and (e.start, e.end) == (latest.start, latest.end)]
-        if all(e.updated_at < latest.updated_at for e in left):
-            current[peer] = latest
-    return current
 
 
 def _spans(servers: dict[str, ServerEntry]) -> dict[str, SpanInfo]:
@@ -254,22 +257,25 @@ async def _move(
     If the load fails, serve the old span again."""
     (old_start, old_end), (start, end) = (server.span.start, server.span.end), target
     log.info("moving from blocks %d:%d to %d:%d: the swarm's weakest blocks gain", old_start, old_end, start, end)
-    server.state = "OFFLINE"
+    server.stop_accepting()
     # both at once: the sooner others see the claim, the fewer of them pick the same blocks
     log.info("announcing JOINING for blocks %d:%d and OFFLINE for blocks %d:%d", start, end, old_start, old_end)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(functools.partial(announcer.publish, state=ServerState.JOINING, start=start, end=end))
         nursery.start_soon(announcer.retract, old_start, old_end)
     log.info("draining the sessions open on blocks %d:%d", old_start, old_end)
-    await _drain(server, config.drain_timeout)
+    await server.drain(
+        config.drain_timeout,
+        "moved",
+        f"this server moved to blocks {start}:{end}; the session's cache is gone: open a new session",
+    )
     try:
         span = await _load_span(model_dir, start, end, config)
     except Exception:  # e.g. out of memory: what is loaded still works
         log.exception("loading blocks %d:%d failed; serving blocks %d:%d again", start, end, old_start, old_end)
     else:
-        server.span = span  # the handlers read server.span; a session still open on the old one fails its next step
-        server.budget = CacheBudget(config.max_cache_tokens)
-    server.state = "ONLINE"
+        server.swap_span(span)
+    server.resume()
     start, end = server.span.start, server.span.end
     await announcer.publish(state=ServerState.ONLINE, start=start, end=end, cache_tokens_left=server.budget.tokens_left)
     # the span's size is unchanged, so is its throughput
@@ -299,27 +305,6 @@ async def _load_span(model_dir: Path, start: int, end: int, config: NodeConfig) 
     load = functools.partial(Span.load, model_dir, start, end, config.quant, config.adapter_paths())
     # abandoned on cancel: a node stopping mid-load exits without waiting for the read to finish
     return await trio.to_thread.run_sync(load, abandon_on_cancel=True)
-
-
-async def _drain(server: SpanServer, timeout: float) -> None:
-    """Wait, at most `timeout` s, until the open sessions end."""
-    with trio.move_on_after(timeout):
-        while server.budget.sessions:
-            await server.sessions_done.wait()
-    if server.budget.sessions:
-        log.warning("drain timeout: %d sessions still open, closing them", server.budget.sessions)
-
-
-def _serving_options(config: NodeConfig, model: str) -> ServingOptions:
-    return ServingOptions(
-        model=model,
-        max_cache_tokens=config.max_cache_tokens,
-        max_batch_size=config.max_batch_size,
-        max_forward_tokens=config.max_forward_tokens,
-        step_timeout=config.step_timeout,
-        session_timeout=config.session_timeout,
-        version=petald.__version__,
-    )
 
 
 def _public_addrs(addrs: list[str], public_host: str | None) -> list[str]:

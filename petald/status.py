@@ -8,12 +8,15 @@ import time
 
 import trio
 
-from petald.p2p.dht import ServerEntry, open_swarm_dht
+from petald.p2p.dht import ServerEntry, SwarmReadError, open_swarm_dht
 from petald.p2p.host import load_or_create_identity, open_host, quiet_libp2p_logs
+from petald.p2p.swarm_map import block_servers, current_entries
 
 
 async def read_swarm(initial_peers: list[str], model: str | None) -> dict[str, dict]:
-    """{model: {"num_blocks": n, "servers": {peer_id: entry}, "blocks": {block: [peer_id]}}}."""
+    """{model: {"num_blocks": n, "servers": {peer_id: entry}, "blocks": {block: [peer_id]}, "unread": [block]}}:
+    every server's current entry (`current_entries`), the ONLINE servers of each block, and the blocks the
+    swarm did not answer for (unknown, which is not the same as served by no one)."""
     async with open_host(load_or_create_identity(None), ("127.0.0.1", 0)) as host:
         async with open_swarm_dht(host, initial_peers, client=True) as dht:
             models = await dht.list_models()
@@ -21,34 +24,39 @@ async def read_swarm(initial_peers: list[str], model: str | None) -> dict[str, d
                 models = {model: models.get(model, 0)}
             result = {}
             for name, total in models.items():
-                found = await _read_blocks(dht, name, total)
-                servers: dict[str, ServerEntry] = {}
-                blocks: dict[int, list[str]] = {block: [] for block in range(total)}
-                for block, entries in found.items():
-                    for peer_id, entry in entries.items():
-                        servers[peer_id] = entry
-                        blocks[block].append(peer_id)
-                result[name] = {"num_blocks": total, "servers": servers, "blocks": blocks}
+                found, unread = await _read_blocks(dht, name, total)
+                servers = current_entries(found)
+                result[name] = {
+                    "num_blocks": total,
+                    "servers": servers,
+                    "blocks": block_servers(servers, total),
+                    "unread": unread,
+                }
             return result
 
 
 STATUS_REREADS = 3
 
 
-async def _read_blocks(dht, model: str, total: int) -> dict[int, dict[str, ServerEntry]]:
-    """Every block's entries; blocks that came back empty are read again (up to 3 times, 0.5/1/2 s apart),
-    because one read of a busy swarm can lose answers, and a blocks-less report would be wrong."""
+async def _read_blocks(dht, model: str, total: int) -> tuple[dict[int, dict[str, ServerEntry]], list[int]]:
+    """Every block's entries, and the blocks the swarm did not answer for; blocks that came back empty or
+    unanswered are read again (up to 3 times, 0.5/1/2 s apart), because one read of a busy swarm can lose
+    answers, and a blocks-less report would be wrong."""
     found: dict[int, dict[str, ServerEntry]] = {block: {} for block in range(total)}
-    missing = list(range(total))
+    missing, unread = list(range(total)), []
     for attempt in range(STATUS_REREADS + 1):
         if attempt:
             await trio.sleep(0.25 * 2**attempt)
-        for block, entries in (await dht.get_servers(model, missing)).items():
-            found[block] = entries
+        try:
+            read = await dht.get_servers(model, missing)
+        except SwarmReadError as e:
+            read = e.found
+        found.update(read)
+        unread = [block for block in missing if block not in read]
         missing = [block for block in missing if not found[block]]
         if not missing:
             break
-    return found
+    return found, unread
 
 
 def print_status(initial_peers: list[str], model: str | None, as_json: bool) -> int:
@@ -67,7 +75,9 @@ def print_status(initial_peers: list[str], model: str | None, as_json: bool) -> 
                 f"  {peer_id}  blocks {e.start:>3}:{e.end:<3} {e.state:<8} {e.throughput:8.1f} blocks*steps/s  "
                 f"cache {e.cache_tokens_left:>7} tokens free  {e.quant:<4}  expires in {e.expires_at - now:4.0f} s"
             )
-        missing = [b for b, peers in info["blocks"].items() if not peers]
+        if info["unread"]:
+            print(f"  ?? the swarm did not answer for blocks {_ranges(info['unread'])}: try again")
+        missing = [b for b, peers in info["blocks"].items() if not peers and b not in info["unread"]]
         if missing:
             print(f"  !! blocks served by no one: {_ranges(missing)}")
     return 0
@@ -87,7 +97,8 @@ def _jsonable(info: dict) -> dict:
         "num_blocks": info["num_blocks"],
         "servers": {p: e.to_wire() | {"public_key": None, "signature": None} for p, e in info["servers"].items()},
         "blocks": {str(b): peers for b, peers in info["blocks"].items()},
-        "unserved_blocks": [b for b, peers in info["blocks"].items() if not peers],
+        "unserved_blocks": [b for b, peers in info["blocks"].items() if not peers and b not in info["unread"]],
+        "unread_blocks": info["unread"],
     }
 
 

@@ -6,6 +6,7 @@ import random
 
 import pytest
 
+from petald.p2p.swarm_map import block_servers, current_entries, serving, unserved_blocks
 from petald.serving.balance import block_throughputs, choose_span, move_candidates, settle, should_move
 
 TWICE_COVERED = {  # 30 blocks, 6 servers of 10 blocks: every block served twice
@@ -132,7 +133,6 @@ def announced(*entries) -> dict[int, dict[str, object]]:
 
 
 def test_a_moving_server_is_placed_at_its_new_blocks_whichever_announcement_came_first():
-    from petald.node import current_entries
 
     for claimed_at, left_at in ((2.0, 3.0), (3.0, 2.0)):
         found = announced(entry("m", "OFFLINE", 0, 10, left_at), entry("m", "JOINING", 10, 20, claimed_at))
@@ -144,8 +144,17 @@ def test_a_moving_server_is_placed_at_its_new_blocks_whichever_announcement_came
 
 
 def test_a_server_that_left_is_not_placed_anywhere():
-    from petald.node import current_entries
-
     found = announced(entry("a", "OFFLINE", 0, 10, 5.0), entry("b", "ONLINE", 10, 20, 1.0))
     found[3]["a"] = entry("a", "ONLINE", 0, 10, 4.0)  # a stale copy under one block
-    assert list(current_entries(found)) == ["b"]
+    assert list(serving(current_entries(found))) == ["b"]
+    assert current_entries(found)["a"].state == "OFFLINE"  # what status shows: it left
+
+
+def test_block_servers_counts_only_online_servers():
+    found = announced(
+        entry("a", "JOINING", 0, 10, 1.0), entry("b", "ONLINE", 5, 15, 1.0), entry("c", "OFFLINE", 15, 30, 1.0)
+    )
+    current = current_entries(found)
+    blocks = block_servers(current, 30)
+    assert blocks[0] == [] and blocks[5] == ["b"] and blocks[14] == ["b"] and blocks[15] == []
+    assert unserved_blocks(current, 30) == [*range(0, 5), *range(15, 30)]

@@ -151,7 +151,7 @@ def test_a_complete_serving_config_passes():
         ({"num_blocks": None}, "exactly one of --blocks A:B and --num-blocks N"),
         ({"initial_peers": ["/ip4/1.2.3.4/tcp/1"]}, "--new-swarm .* takes no --initial-peers"),
         ({"new_swarm": False}, "give --initial-peers MULTIADDR ... to join a swarm, or --new-swarm"),
-        ({"quant": "fp4"}, "quant must be none, int8 or nf4, got 'fp4'"),
+        ({"quant": "fp4"}, "quant must be one of none, int8, nf4, got 'fp4'"),
         ({"log_format": "xml"}, "log_format must be text or json, got 'xml'"),
         ({"expiry": 30.0}, r"expiry \(30.0 s\) must be longer than heartbeat \(30.0 s\)"),
         ({"expiry": 10.0}, r"expiry \(10.0 s\) must be longer than heartbeat"),

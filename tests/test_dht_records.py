@@ -141,13 +141,13 @@ def test_merge_keeps_newest_entry_per_peer_and_the_union_of_peers() -> None:
     a, b = create_new_key_pair(), create_new_key_pair()
     a_id, b_id = str(peer_id_of(a)), str(peer_id_of(b))
     old = signed_wire(a, state=ServerState.JOINING)
-    new = signed_wire(a, state=ServerState.ONLINE, updated_at=NOW + 30, expires_at=NOW + 120)
+    new = signed_wire(a, state=ServerState.ONLINE, updated_at=NOW + 10, expires_at=NOW + 100)
     copies = [{a_id: old}, {a_id: new, b_id: signed_wire(b)}]
     for values in (copies, copies[::-1]):
         merged = merge_block_values(KEY, values, NOW)
         assert set(merged) == {a_id, b_id}
         assert merged[a_id].state == ServerState.ONLINE
-        assert merged[a_id].updated_at == NOW + 30
+        assert merged[a_id].updated_at == NOW + 10
 
 
 def test_merge_drops_invalid_entries_and_copies_but_keeps_valid_ones() -> None:
@@ -230,7 +230,7 @@ def test_validator_rejects_a_value_with_one_bad_entry() -> None:
     tampered = signed_wire(bad)
     tampered["end"] = 20
     value = msgpack.packb({str(peer_id_of(good)): signed_wire(good), str(peer_id_of(bad)): tampered})
-    validator = PetalRecordValidator()
+    validator = PetalRecordValidator(clock=lambda: NOW)
     validator.validate(KEY, msgpack.packb({str(peer_id_of(good)): signed_wire(good)}))
     with pytest.raises(InvalidRecord, match="bad signature"):
         validator.validate(KEY, value)
@@ -238,27 +238,48 @@ def test_validator_rejects_a_value_with_one_bad_entry() -> None:
         validator.validate("/petal/unrelated", msgpack.packb({}))
 
 
-def test_validator_select_prefers_more_live_entries_then_newer_ones() -> None:
-    import time
+def block_value(*wires: dict[str, Any]) -> bytes:
+    return msgpack.packb({w["peer_id"]: w for w in wires})
 
-    now = time.time()
-    a, b = create_new_key_pair(), create_new_key_pair()
-    a_id, b_id = str(peer_id_of(a)), str(peer_id_of(b))
 
-    def value(**entries: dict[str, Any]) -> bytes:
-        return msgpack.packb(entries)
+def test_validator_select_keeps_the_stored_value_unless_the_new_one_supersedes_it() -> None:
+    a, b, c = create_new_key_pair(), create_new_key_pair(), create_new_key_pair()
+    a_old = signed_wire(a, updated_at=NOW - 10, expires_at=NOW + 60)
+    a_new = signed_wire(a, updated_at=NOW, expires_at=NOW + 60)
+    b_live = signed_wire(b, updated_at=NOW - 20, expires_at=NOW + 60)
+    b_dead = signed_wire(b, updated_at=NOW - 200, expires_at=NOW - 100)
+    c_live = signed_wire(c)
+    select = PetalRecordValidator(clock=lambda: NOW).select
+    assert select(KEY, [block_value(a_old), block_value(a_old, b_live)]) == 1  # an entry added
+    assert select(KEY, [block_value(a_old, b_live), block_value(a_new, b_live)]) == 1  # an entry refreshed
+    assert select(KEY, [block_value(a_old, b_dead), block_value(a_new)]) == 1  # an expired one dropped
+    # A value that drops or dates back a live entry of the stored one is refused, whatever it adds.
+    assert select(KEY, [block_value(a_old, b_live), block_value(a_new, c_live)]) == 0
+    assert select(KEY, [block_value(a_new), block_value(a_old, b_live)]) == 0
+    # Nothing new: the stored value stays (py-libp2p asks select(key, [stored, received])).
+    assert select(KEY, [block_value(a_new), block_value(a_new)]) == 0
+    assert select(KEY, [block_value(a_new, b_live), block_value(b_live)]) == 0
+    assert select(KEY, [b"garbage", block_value(a_old)]) == 1
+    assert select(KEY, [block_value(a_old), b"garbage"]) == 0
 
-    a_old = signed_wire(a, updated_at=now - 10, expires_at=now + 60)
-    a_new = signed_wire(a, updated_at=now, expires_at=now + 60)
-    b_live = signed_wire(b, updated_at=now - 20, expires_at=now + 60)
-    b_dead = signed_wire(b, updated_at=now - 200, expires_at=now - 100)
-    select = PetalRecordValidator().select
-    assert select(KEY, [value(**{a_id: a_old}), value(**{a_id: a_old, b_id: b_live})]) == 1
-    assert select(KEY, [value(**{a_id: a_old}), value(**{a_id: a_new})]) == 1
-    assert select(KEY, [value(**{a_id: a_new}), value(**{a_id: a_old, b_id: b_dead})]) == 0
-    # Ties keep the first value (a storing peer keeps what it has).
-    assert select(KEY, [value(**{a_id: a_new}), value(**{a_id: a_new})]) == 0
-    assert select(KEY, [b"garbage", value(**{a_id: a_old})]) == 1
+
+def test_validator_refuses_entries_dated_ahead_of_its_clock_by_more_than_the_skew() -> None:
+    key_pair = create_new_key_pair()
+    value = block_value(signed_wire(key_pair, updated_at=NOW + 20, expires_at=NOW + 110))
+    PetalRecordValidator(clock=lambda: NOW).validate(KEY, value)
+    with pytest.raises(InvalidRecord, match="dated over 30 s ahead"):
+        PetalRecordValidator(clock=lambda: NOW - 11).validate(KEY, value)
+    future_index = encode_model_index(
+        {
+            "llama": {
+                str(peer_id_of(key_pair)): index_entry(
+                    key_pair, "llama", 8, updated_at=NOW + 3e8, expires_at=NOW + 3e8 + 60
+                )
+            }
+        }
+    )
+    with pytest.raises(InvalidRecord, match="ahead"):
+        PetalRecordValidator(clock=lambda: NOW).validate(MODEL_INDEX_KEY, future_index)
 
 
 def index_entry(key_pair: KeyPair, model: str, num_blocks: int, **changes: Any) -> ModelEntry:
@@ -298,14 +319,107 @@ def test_model_index_rejects_an_entry_filed_under_another_model() -> None:
     assert merge_model_indexes([msgpack.unpackb(data, raw=False)], NOW) == {}
 
 
-def test_merge_keeps_the_newest_entries_when_a_value_would_overflow(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(dht, "MAX_ENTRIES_PER_VALUE", 3)
-    keys = [create_new_key_pair() for _ in range(4)]
-    wires = {str(peer_id_of(k)): signed_wire(k, updated_at=NOW + i) for i, k in enumerate(keys)}
-    copies = [dict(list(wires.items())[:2]), dict(list(wires.items())[2:])]
-    merged = merge_block_values(KEY, copies, NOW)
-    assert set(merged) == {str(peer_id_of(k)) for k in keys[1:]}
-    PetalRecordValidator().validate(KEY, encode_block_value(merged))
+def sybils(count: int, **changes: Any) -> dict[str, dict[str, Any]]:
+    """A flood: ``count`` validly signed entries from throw-away keys, as a copy (peer_id -> wire)."""
+    wires = [signed_wire(create_new_key_pair(), **changes) for _ in range(count)]
+    return {w["peer_id"]: w for w in wires}
+
+
+# Dated as late as readers keep, living as long as an entry may: the best a flood can do.
+FLOOD = dict(updated_at=NOW + 14, expires_at=NOW + 14 + dht.MAX_ENTRY_TTL_S)
+
+
+def test_merge_drops_entries_dated_ahead_of_the_readers_clock() -> None:
+    now, ahead = create_new_key_pair(), create_new_key_pair()
+    value = {
+        str(peer_id_of(now)): signed_wire(now, updated_at=NOW + 15, expires_at=NOW + 105),
+        str(peer_id_of(ahead)): signed_wire(ahead, updated_at=NOW + 16, expires_at=NOW + 106),
+    }
+    merged = merge_block_values(KEY, [value], NOW)
+    assert set(merged) == {str(peer_id_of(now))}
+    assert len(merge_block_values(KEY, [value], NOW + 1)) == 2
+    # what a writer merged is valid at a peer whose clock is up to half the skew behind the writer's
+    PetalRecordValidator(clock=lambda: NOW - dht.MAX_CLOCK_SKEW_S / 2).validate(KEY, encode_block_value(merged))
+
+
+def test_a_flood_of_throwaway_keys_cannot_replace_the_servers_a_peer_stores() -> None:
+    a, b = create_new_key_pair(), create_new_key_pair()
+    stored = {str(peer_id_of(k)): signed_wire(k) for k in (a, b)}
+    validator = PetalRecordValidator(clock=lambda: NOW)
+    ten_years = 10 * 365 * 86400
+    with pytest.raises(InvalidRecord, match="ahead"):
+        validator.validate(KEY, msgpack.packb(sybils(4, updated_at=NOW + ten_years, expires_at=NOW + ten_years + 90)))
+    flood = msgpack.packb(sybils(dht.MAX_ENTRIES_PER_VALUE, **FLOOD))
+    validator.validate(KEY, flood)  # well-formed and signed: only select can refuse it
+    assert validator.select(KEY, [msgpack.packb(stored), flood]) == 0
+    # Beside the servers, a flood may take the room left; the servers stay.
+    padded = msgpack.packb({**stored, **sybils(dht.MAX_ENTRIES_PER_VALUE - 2, **FLOOD)})
+    assert validator.select(KEY, [msgpack.packb(stored), padded]) == 1
+    assert set(stored) <= set(decode_block_value(KEY, padded))
+
+
+def test_a_heartbeat_after_a_flood_writes_a_value_with_the_server_that_the_stores_accept() -> None:
+    a, b = create_new_key_pair(), create_new_key_pair()
+    a_id, b_id = str(peer_id_of(a)), str(peer_id_of(b))
+    stored = {a_id: signed_wire(a), b_id: signed_wire(b)}
+    flooded = sybils(dht.MAX_ENTRIES_PER_VALUE, **FLOOD)  # taken by a peer that held no servers
+    now = NOW + 30
+    own = {a_id: signed_wire(a, updated_at=now, expires_at=now + 90)}
+    # SwarmDHT.announce: read every copy, merge with the fresh entry, encode, store at the same peers.
+    written = encode_block_value(merge_block_values(KEY, [flooded, stored, own], now))
+    entries = decode_block_value(KEY, written)
+    assert len(entries) == dht.MAX_ENTRIES_PER_VALUE
+    assert entries[a_id].updated_at == now and b_id in entries
+    validator = PetalRecordValidator(clock=lambda: now)
+    validator.validate(KEY, written)
+    assert validator.select(KEY, [msgpack.packb(stored), written]) == 1
+    # A reader sees every live entry of every copy, the flood's and the servers'.
+    read = merge_block_values(KEY, [flooded, msgpack.unpackb(written)], now)
+    assert {a_id, b_id} <= set(read) and len(read) == dht.MAX_ENTRIES_PER_VALUE + 2
+
+
+def test_merge_orders_entries_by_turns_of_the_copies_so_no_copy_takes_more_than_its_share() -> None:
+    a, b, c = create_new_key_pair(), create_new_key_pair(), create_new_key_pair()
+    a_id, b_id, c_id = (str(peer_id_of(k)) for k in (a, b, c))
+    flood = sybils(3, **FLOOD)
+    leaving = {b_id: signed_wire(b, state=ServerState.OFFLINE, updated_at=NOW + 5, expires_at=NOW + 95)}
+    honest = {a_id: signed_wire(a), **leaving, c_id: signed_wire(c, updated_at=NOW - 5, expires_at=NOW + 85)}
+    order = list(merge_block_values(KEY, [flood, honest], NOW))
+    # Turns: each copy's best entry, then each copy's second...; in a copy serving before OFFLINE, then newest.
+    assert order[1::2] == [a_id, c_id, b_id] and set(order[0::2]) == set(flood)
+    many = sybils(dht.MAX_ENTRIES_PER_VALUE)
+    assert a_id in decode_block_value(
+        KEY, encode_block_value(merge_block_values(KEY, [many, {a_id: honest[a_id]}], NOW))
+    )
+
+
+def test_model_index_stores_every_model_a_turn_when_it_overflows() -> None:
+    a = create_new_key_pair()
+    flood = {}
+    for _ in range(dht.MAX_ENTRIES_PER_VALUE):
+        key_pair = create_new_key_pair()
+        flood[str(peer_id_of(key_pair))] = index_entry(key_pair, "fake", 4, **FLOOD)
+    index = merge_model_indexes(
+        [
+            msgpack.unpackb(encode_model_index({"fake": flood})),
+            {"llama": {str(peer_id_of(a)): index_entry(a, "llama", 32).to_wire()}},
+        ],
+        NOW,
+    )
+    stored = decode_model_index(encode_model_index(index))
+    assert sum(map(len, stored.values())) == dht.MAX_ENTRIES_PER_VALUE
+    assert set(stored["llama"]) == {str(peer_id_of(a))}
+
+
+def test_unreachable_is_never_announced() -> None:
+    key_pair = create_new_key_pair()
+    with pytest.raises(InvalidRecord, match="state 'UNREACHABLE' is not one of"):
+        sign_entry(KEY, make_entry(key_pair, state=ServerState.UNREACHABLE), key_pair)
+    wire = signed_wire(key_pair)
+    wire["state"] = "UNREACHABLE"
+    with pytest.raises(InvalidRecord, match="is not one of"):
+        ServerEntry.from_wire(wire)
+    assert ServerState.UNREACHABLE not in dht.ANNOUNCED_STATES
 
 
 def test_sign_entry_refuses_an_entry_readers_would_reject() -> None:

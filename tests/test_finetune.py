@@ -148,14 +148,7 @@ def env(tmp_path):
 
 
 def start_servers(swarm, model_dir, spans: list[str]):
-    first = swarm.start("dht", "--port", "0", "--new-swarm")
-    servers = [
-        swarm.start("start", "--model", str(model_dir), "--blocks", blocks, "--initial-peers", first.addr, *FAST)
-        for blocks in spans
-    ]
-    for server in servers:
-        server.wait_serving()
-    return first, servers
+    return swarm.start_spans(str(model_dir), spans, *FAST)
 
 
 @pytest.mark.parametrize("tuning_mode", ["ptune", "deep_ptune"])

@@ -4,10 +4,13 @@ SIGTERM announce OFFLINE, refuse new sessions, let the open one finish, exit 0."
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
+import time
 
+import pytest
 import torch
 import trio
 
@@ -32,8 +35,6 @@ def status_of(addr: str, env: dict, model: str) -> dict:
 
 
 def test_sigterm_drains_open_sessions_and_refuses_new_ones(tiny_llama, tmp_path):
-    import os
-
     env = {**os.environ, "PETAL_HOME": str(tmp_path / "home")}
     model = tiny_llama.name
     with local_swarm(tmp_path, env) as swarm:
@@ -95,3 +96,41 @@ def test_sigterm_drains_open_sessions_and_refuses_new_ones(tiny_llama, tmp_path)
         entry = status_of(bootstrap.addr, env, model)["servers"].get(server_id)
         assert entry is None or entry["state"] == "OFFLINE"
         assert bootstrap.stop() == 0
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--blocks", "40:20"], "blocks 40:20 is empty or negative"),
+        (["--blocks", "0:99"], "blocks 0:99 are outside the model, which has blocks 0:6"),
+        (["--num-blocks", "9"], "num_blocks is 9, but tiny-llama has 6 blocks"),
+        (["--blocks", "0:6", "--adapters", "chat=/nonexistent/adapter"], "/nonexistent/adapter has no adapter_config"),
+    ],
+)
+def test_start_refuses_blocks_or_adapters_the_model_cannot_serve_before_it_starts(
+    tiny_llama, tmp_path, options, message
+):
+    started = time.monotonic()
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "petald.cli",
+            "start",
+            "--model",
+            str(tiny_llama),
+            "--port",
+            "0",
+            "--new-swarm",
+            *options,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PETAL_HOME": str(tmp_path / "home")},
+        check=False,
+    )
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr
+    assert "/ip4/" not in result.stdout + result.stderr  # no host was started
+    assert time.monotonic() - started < 30  # the imports, a config read and no network: never the 15 s of a start

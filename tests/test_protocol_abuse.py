@@ -17,10 +17,26 @@ import torch
 import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.io.exceptions import IOException
+from libp2p.peer.id import ID
 
 from petald.local_swarm import NodeProcess, local_swarm
-from petald.p2p.host import connect, open_host
+from petald.p2p.dht import (
+    MAX_ENTRIES_PER_VALUE,
+    ServerEntry,
+    ServerState,
+    SwarmDHT,
+    block_key,
+    decode_block_value,
+    open_swarm_dht,
+    sign_entry,
+)
+from petald.p2p.host import connect, open_host, peer_id_of
 from petald.p2p.wire import (
+    BACKWARD_PROTOCOL,
+    FORWARD_PROTOCOL,
+    INFERENCE_PROTOCOL,
+    INFO_PROTOCOL,
+    PUSH_PROTOCOL,
     BackwardRequest,
     BackwardResult,
     CloseSession,
@@ -39,7 +55,6 @@ from petald.p2p.wire import (
     read_message,
     write_message,
 )
-from petald.serving.handlers import BACKWARD_PROTOCOL, FORWARD_PROTOCOL, INFERENCE_PROTOCOL, INFO_PROTOCOL
 
 BLOCKS = 6
 HIDDEN = 64
@@ -365,6 +380,31 @@ def test_step_before_open_is_unexpected(node, model_name):
     run_case(node, model_name, case)
 
 
+def test_error_frames_from_a_peer_are_unexpected_on_every_protocol(node, model_name):
+    error = frame({"type": "error", "code": "bad_request", "reason": "a peer speaking as a server"})
+
+    async def case(host, peer):
+        for protocol in (INFERENCE_PROTOCOL, INFO_PROTOCOL, FORWARD_PROTOCOL, BACKWARD_PROTOCOL):
+            stream = await new_stream(host, peer, protocol)
+            await send(stream, error)
+            reply = await expect_error(stream, "unexpected")
+            assert "got 'error'" in reply.reason, (protocol, reply)
+            await expect_closed(stream)
+        # inside a session (a later frame): answered, and the session goes on
+        stream = await open_session(host, peer, model_name)
+        await step(stream, 1, hidden_states(2, seed=30))
+        await send(stream, error)
+        await expect_error(stream, "unexpected")
+        await step(stream, 3, hidden_states(1, seed=31))
+        await close_session(stream)
+        # a receiver never writes on a push stream: a bad frame there ends the stream
+        stream = await new_stream(host, peer, PUSH_PROTOCOL)
+        await send(stream, error)
+        await expect_closed(stream)
+
+    run_case(node, model_name, case)
+
+
 def test_cache_request_over_budget_is_cache_full_and_says_what_is_left(node, model_name):
     async def case(host, peer):
         stream = await new_stream(host, peer)
@@ -569,3 +609,108 @@ def test_deep_prompts_in_an_inference_session_only_with_its_first_step(node, mod
         await close_session(stream)
 
     run_case(node, model_name, case)
+
+
+# ---------------------------------------------------------------- flooding the DHT
+
+FLOOD_BLOCK = 3  # served by both servers of the flood test
+
+
+def signed_flood(key: str, count: int, updated_at: float, expires_at: float) -> dict[str, dict]:
+    """`count` validly signed entries for `key` from throw-away keys, as a value's map (peer_id -> wire)."""
+    flood = {}
+    for _ in range(count):
+        key_pair = create_new_key_pair()
+        entry = ServerEntry(
+            peer_id=str(peer_id_of(key_pair)),
+            state=ServerState.ONLINE,
+            start=0,
+            end=BLOCKS,
+            throughput=1e6,
+            addrs=[],
+            cache_tokens_left=1 << 30,
+            quant="none",
+            version="flood",
+            updated_at=updated_at,
+            expires_at=expires_at,
+        )
+        flood[entry.peer_id] = sign_entry(key, entry, key_pair).to_wire()
+    return flood
+
+
+async def stored_copies(swarm: SwarmDHT, key: str, peers: list[ID]) -> list[dict[str, ServerEntry]]:
+    """The copy of `key` each of `peers` stores, decoded and verified (GET_VALUE from each)."""
+    copies = []
+    for peer in peers:
+        with trio.fail_after(WAIT):
+            record, _ = await swarm.kad.value_store._get_from_peer(peer, key.encode(), True, True)
+        copies.append(decode_block_value(key, record.value))
+    return copies
+
+
+def test_a_flood_of_signed_entries_from_throwaway_keys_does_not_evict_the_servers(tiny_llama, tmp_path):
+    model = tiny_llama.name
+    key = block_key(model, FLOOD_BLOCK)
+    heartbeat, expiry = 2.0, 6.0
+    common = ("--model", str(tiny_llama), "--port", "0", "--throughput", "100")
+    common += ("--heartbeat", str(heartbeat), "--expiry", str(expiry))
+    with local_swarm(tmp_path, {"PETAL_HOME": str(tmp_path / "home")}) as swarm:
+        first = swarm.start("start", *common, "--blocks", "0:4", "--new-swarm")
+        second = swarm.start("start", *common, "--blocks", "2:6", "--initial-peers", first.addr)
+        first.wait_serving()
+        second.wait_serving()
+        servers = {first.peer_id, second.peer_id}
+        peers = [ID.from_base58(peer_id) for peer_id in sorted(servers)]
+
+        async def visible(dht: SwarmDHT) -> set[str]:
+            return set((await dht.get_servers(model, [FLOOD_BLOCK]))[FLOOD_BLOCK])
+
+        async def main() -> None:
+            async with (
+                open_host(create_new_key_pair(), ("127.0.0.1", 0)) as host,
+                open_swarm_dht(host, [first.addr, second.addr], client=True) as dht,
+            ):
+                deadline = trio.current_time() + 30
+                while not servers <= await visible(dht):
+                    assert trio.current_time() < deadline, "the servers never announced block 3"
+                    await trio.sleep(0.2)
+                now = time.time()
+                ten_years = 10 * 365 * 86400.0
+                floods = {
+                    "dated ten years ahead": signed_flood(
+                        key, MAX_ENTRIES_PER_VALUE, now + ten_years, now + ten_years + 90
+                    ),
+                    "dated as late as readers keep": signed_flood(
+                        key, MAX_ENTRIES_PER_VALUE, now + 14, now + 14 + 3600
+                    ),
+                }
+                for what, flood in floods.items():
+                    for peer in peers:
+                        with trio.fail_after(WAIT):
+                            stored = await dht.kad.value_store._store_at_peer(peer, key.encode(), msgpack.packb(flood))
+                        assert not stored, f"a server stored a flood {what} in place of its copy"
+                    assert servers <= await visible(dht)
+                # Beside the servers a flood may take the room left; the stored copy is read first, so a
+                # heartbeat between the read and the write makes the PUT stale: it is refused, and tried again.
+                sybils = signed_flood(key, MAX_ENTRIES_PER_VALUE - len(servers), now + 14, now + 14 + 3600)
+                for peer in peers:
+                    for _ in range(5):
+                        [copy] = await stored_copies(dht, key, [peer])
+                        padded = {**{p: e.to_wire() for p, e in copy.items()}, **sybils}
+                        with trio.fail_after(WAIT):
+                            if await dht.kad.value_store._store_at_peer(peer, key.encode(), msgpack.packb(padded)):
+                                break
+                    else:
+                        raise AssertionError(f"{peer} refused a flood that kept every server it stores")
+                flooded_at = time.time()
+                # The servers' heartbeats go on through the flood: after their entries' lifetime, each
+                # server's copy holds both of them, refreshed since the flood.
+                await trio.sleep(expiry + heartbeat)
+                for copy in await stored_copies(dht, key, peers):
+                    assert len(copy) == MAX_ENTRIES_PER_VALUE
+                    assert all(copy[peer_id].updated_at > flooded_at for peer_id in servers), sorted(copy)[:4]
+                assert servers <= await visible(dht)
+
+        trio.run(main)
+        for node in (first, second):
+            assert node.process.poll() is None, node.output()[-3000:]

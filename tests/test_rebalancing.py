@@ -12,9 +12,9 @@ import trio
 
 from petald.local_swarm import NodeProcess, local_swarm
 from petald.models.checkpoints import make_tiny_llama
-from petald.node import current_entries
 from petald.p2p.dht import ServerState, open_swarm_dht
 from petald.p2p.host import load_or_create_identity, open_host
+from petald.p2p.swarm_map import current_entries
 
 BLOCKS = 30
 # Slower than the --heartbeat 2 --expiry 6 of smaller tests: seven nodes re-announcing every 2 s and reading all 30

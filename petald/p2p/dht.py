@@ -9,17 +9,24 @@ Every entry is signed by its server's libp2p key over ``(dht key, every field bu
 and carries the public key; an entry verifies only if the signature holds AND the public key
 hashes to the entry's peer id, so nobody can write an entry in another peer's name, or replay one
 under another key. Entries carry ``updated_at`` (signing time) and ``expires_at``; readers drop
-expired entries (py-libp2p's own record TTL is a fixed 24 h, so expiry is ours).
+expired entries (py-libp2p's own record TTL is a fixed 24 h, so expiry is ours), and entries dated
+ahead of their clock (more than MAX_CLOCK_SKEW_S / 2; a PUT with one dated more than MAX_CLOCK_SKEW_S
+ahead is refused); no entry lives longer than MAX_ENTRY_TTL_S.
 
 Kademlia keeps ONE value per key, so writers read-modify-write: read every copy from the key's
-closest peers, merge (union; per peer the newest entry; expired and invalid dropped), add their
-fresh entry, store the result back to the same peers. Lost races are repaired by the next
-heartbeat (every ~30 s, entries live ~90 s): each announce re-reads and re-merges.
+closest peers, merge (union; per peer the newest entry; expired, future-dated and invalid
+dropped), add their fresh entry, store the result back to the same peers. Lost races are repaired
+by the next heartbeat (every ~30 s, entries live ~90 s): each announce re-reads and re-merges.
 
-The validator (namespace ``petal``) rejects a value with any malformed or badly signed entry, and
-its ``select`` prefers the value with more live entries, then the larger sum of their
-``updated_at``. A merge is never worse than any copy it merged, so a storing peer accepts it, and
-a stale copy (its entries expired, or older) loses to a fresh one.
+Flooding. Anyone can make validly signed entries from throw-away keys, with any timestamps within
+the bounds above; so no timestamp decides who stays. A storing peer keeps its copy unless a PUT
+supersedes it (``PetalRecordValidator.select``): the PUT keeps every live entry of that copy and
+adds or refreshes some. A flood cannot push out the servers a peer stores; it can only sit beside
+them, up to MAX_ENTRIES_PER_VALUE. A merge orders entries by turns of the copies
+(``_union_by_turns``): readers see every live entry of every copy, and a stored value keeps the
+first MAX_ENTRIES_PER_VALUE, so each copy, and a writer's own fresh entry, gets its share
+whatever another copy holds. A heartbeat reads the copies it writes back to and adds its fresh
+entry, so it supersedes each of them (unless their union overflows: see docs/ARCHITECTURE.md).
 
 What py-libp2p 0.8.1's KadDHT offers (read from its source):
 - ``KadDHT.get_value`` returns the local copy if there is one, without asking the network, and
@@ -50,6 +57,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import itertools
 import logging
 import math
 import re
@@ -66,6 +74,7 @@ from libp2p.abc import IHost
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.serialization import deserialize_public_key
 from libp2p.kad_dht import DHTMode, KadDHT
+from libp2p.kad_dht.common import PROTOCOL_ID as KAD_PROTOCOL
 from libp2p.kad_dht.pb.kademlia_pb2 import Record
 from libp2p.kad_dht.utils import sort_peer_ids_by_distance
 from libp2p.peer.id import ID
@@ -82,6 +91,11 @@ NAMESPACE = "petal"
 MODEL_INDEX_KEY = f"/{NAMESPACE}/_models"
 ENTRY_TTL_S = 90.0
 MAX_ENTRY_TTL_S = 3600.0
+# How far ahead of a storing peer's clock a PUT's entries may be dated (honest clocks differ a little).
+# Readers and writers keep entries dated at most half that ahead, so a value a writer merged is valid
+# at every peer whose clock is at most MAX_CLOCK_SKEW_S / 2 behind the writer's.
+MAX_CLOCK_SKEW_S = 30.0
+# The quantizations a server may run and announce: the one list config, span and wire import.
 QUANTS = ("none", "int8", "nf4")
 
 # How many of a key's closest peers are read from and written to.
@@ -120,11 +134,18 @@ class InvalidRecord(ValueError):
 
 
 class ServerState(enum.StrEnum):
-    """JOINING: loading its blocks (others avoid the span); ONLINE: serving; OFFLINE: leaving."""
+    """JOINING: loading its blocks (others avoid the span); ONLINE: serving; OFFLINE: leaving.
+
+    UNREACHABLE is the client's own word for a server that did not answer a ping: never announced."""
 
     JOINING = "JOINING"
     ONLINE = "ONLINE"
     OFFLINE = "OFFLINE"
+    UNREACHABLE = "UNREACHABLE"
+
+
+# The states a server may announce (in the DHT) or report (in ServerInfo).
+ANNOUNCED_STATES = (ServerState.JOINING, ServerState.ONLINE, ServerState.OFFLINE)
 
 
 @dataclass(frozen=True)
@@ -165,8 +186,8 @@ class ServerEntry:
         if end <= start:
             raise InvalidRecord(f"server entry span [{start}, {end}) is empty")
         state = _str(d, "state", 16)
-        if state not in ServerState.__members__:
-            raise InvalidRecord(f"server entry state {state!r} is not one of {list(ServerState)}")
+        if state not in ANNOUNCED_STATES:
+            raise InvalidRecord(f"server entry state {state!r} is not one of {[str(s) for s in ANNOUNCED_STATES]}")
         quant = _str(d, "quant", 8)
         if quant not in QUANTS:
             raise InvalidRecord(f"server entry quant {quant!r} is not one of {QUANTS}")
@@ -424,28 +445,53 @@ def decode_block_value(key: str, data: bytes) -> dict[str, ServerEntry]:
 
 
 def encode_block_value(entries: dict[str, ServerEntry]) -> bytes:
-    """The DHT value for a block: msgpack map peer_id -> wire entry."""
-    return msgpack.packb({p: e.to_wire() for p, e in sorted(entries.items())}, use_bin_type=True)
+    """The DHT value for a block: msgpack map peer_id -> wire entry.
+
+    ``entries`` are in priority order (as ``merge_block_values`` returns them): only the first
+    MAX_ENTRIES_PER_VALUE are stored."""
+    kept = dict(list(entries.items())[:MAX_ENTRIES_PER_VALUE])
+    return msgpack.packb({p: e.to_wire() for p, e in sorted(kept.items())}, use_bin_type=True)
 
 
-def _newest_live(copies: Iterable[dict[K, Entry]], now: float) -> dict[K, Entry]:
-    """Union of ``copies``: per key the newest unexpired entry; the MAX_ENTRIES_PER_VALUE newest."""
-    merged: dict[K, Entry] = {}
+def is_live(entry: ServerEntry | ModelEntry, now: float) -> bool:
+    """Whether ``entry`` is within its lifetime by a reader's clock ``now``: not expired, and not
+    dated more than MAX_CLOCK_SKEW_S / 2 ahead (its lifetime is at most MAX_ENTRY_TTL_S: from_wire)."""
+    return entry.updated_at <= now + MAX_CLOCK_SKEW_S / 2 and now < entry.expires_at
+
+
+def _rank(entry: ServerEntry | ModelEntry) -> tuple[bool, float]:
+    """Order within one copy: serving entries before OFFLINE ones, then the newest first."""
+    leaving = isinstance(entry, ServerEntry) and entry.state == ServerState.OFFLINE
+    return leaving, -entry.updated_at
+
+
+def _union_by_turns(copies: Sequence[dict[K, Entry]], now: float) -> dict[K, Entry]:
+    """Union of ``copies``: per key the newest live entry, in priority order, the copies taking turns.
+
+    The order is round-robin over the copies: first the best entry of every copy (by ``_rank``),
+    then the second of every copy, and so on. A copy is one replica's value, or a writer's own
+    fresh entry; so the first MAX_ENTRIES_PER_VALUE // len(copies) entries of ANY copy come before
+    the cap, however many entries the other copies hold, and a writer's own entry comes in the
+    first turn. Timestamps decide only the order inside one copy, never between copies.
+    """
+    newest: dict[K, Entry] = {}
     for entries in copies:
         for k, entry in entries.items():
-            if entry.expires_at <= now:
-                continue
-            if k not in merged or entry.updated_at > merged[k].updated_at:
-                merged[k] = entry
-    if len(merged) > MAX_ENTRIES_PER_VALUE:
-        # Too many to store as one value: the least recently refreshed go first.
-        newest = sorted(merged, key=lambda k: merged[k].updated_at, reverse=True)[:MAX_ENTRIES_PER_VALUE]
-        merged = {k: merged[k] for k in newest}
-    return merged
+            if is_live(entry, now) and (k not in newest or entry.updated_at > newest[k].updated_at):
+                newest[k] = entry
+    turns = [sorted((k for k in entries if k in newest), key=lambda k, e=entries: _rank(e[k])) for entries in copies]
+    ordered: dict[K, Entry] = {}
+    for turn in itertools.zip_longest(*turns):
+        for k in turn:
+            if k is not None and k not in ordered:
+                ordered[k] = newest[k]
+    return ordered
 
 
 def merge_block_values(key: str, values: list[dict[Any, Any]], now: float) -> dict[str, ServerEntry]:
-    """Union of the copies of block ``key``: per peer the newest entry; expired and invalid dropped.
+    """Union of the copies of block ``key``: per peer the newest entry; expired, future-dated and
+    invalid ones dropped. All of them, in priority order (``_union_by_turns``): a reader sees every
+    live entry any replica holds; ``encode_block_value`` stores the first MAX_ENTRIES_PER_VALUE.
 
     ``values`` are decoded msgpack maps (peer_id -> wire entry) from different replicas; a copy
     that is not a map is ignored, and so is every entry that fails parsing or verification.
@@ -456,7 +502,7 @@ def merge_block_values(key: str, values: list[dict[Any, Any]], now: float) -> di
             copies.append(_peer_map(key, value, ServerEntry.from_wire, strict=False))
         except InvalidRecord as e:
             logger.debug("ignoring a copy of %s: %s", key, e)
-    return _newest_live(copies, now)
+    return _union_by_turns(copies, now)
 
 
 def decode_model_index(data: bytes) -> dict[str, dict[str, ModelEntry]]:
@@ -477,26 +523,36 @@ def decode_model_index(data: bytes) -> dict[str, dict[str, ModelEntry]]:
 
 
 def encode_model_index(index: dict[str, dict[str, ModelEntry]]) -> bytes:
-    """The DHT value of the model index: msgpack map model -> peer_id -> wire entry."""
-    obj = {m: {p: e.to_wire() for p, e in sorted(peers.items())} for m, peers in sorted(index.items())}
+    """The DHT value of the model index: msgpack map model -> peer_id -> wire entry.
+
+    At most MAX_ENTRIES_PER_VALUE entries, the models taking turns (each model's entries in the
+    priority order ``merge_model_indexes`` gives them): no model takes another's share."""
+    turns = itertools.zip_longest(*([(m, p) for p in peers] for m, peers in index.items()))
+    kept = [pair for turn in turns for pair in turn if pair is not None][:MAX_ENTRIES_PER_VALUE]
+    obj: dict[str, dict[str, Any]] = {}
+    for model, peer_id in sorted(kept):
+        obj.setdefault(model, {})[peer_id] = index[model][peer_id].to_wire()
     return msgpack.packb(obj, use_bin_type=True)
 
 
 def merge_model_indexes(values: list[dict[Any, Any]], now: float) -> dict[str, dict[str, ModelEntry]]:
-    """Union of copies of the model index, with the same per-entry rules as ``merge_block_values``."""
+    """Union of copies of the model index, with the same per-entry rules and order as
+    ``merge_block_values`` (each model's entries in priority order)."""
     copies: list[dict[tuple[str, str], ModelEntry]] = []
     for value in values:
         if not isinstance(value, dict):
             continue
+        copy: dict[tuple[str, str], ModelEntry] = {}
         for model, peers in value.items():
             try:
                 entries = _peer_map(MODEL_INDEX_KEY, peers, ModelEntry.from_wire, strict=False)
             except InvalidRecord as e:
                 logger.debug("ignoring model %r in a copy of the index: %s", model, e)
                 continue
-            copies.append({(model, p): e for p, e in entries.items() if e.model == model})
+            copy.update({(model, p): e for p, e in entries.items() if e.model == model})
+        copies.append(copy)
     index: dict[str, dict[str, ModelEntry]] = {}
-    for (model, peer_id), entry in _newest_live(copies, now).items():
+    for (model, peer_id), entry in _union_by_turns(copies, now).items():
         index.setdefault(model, {})[peer_id] = entry
     return index
 
@@ -510,56 +566,118 @@ def model_block_counts(index: dict[str, dict[str, ModelEntry]]) -> dict[str, int
     }
 
 
-def _live_score(entries: Iterable[ServerEntry | ModelEntry], now: float) -> tuple[int, float]:
-    live = [e for e in entries if e.expires_at > now]
-    return len(live), sum(e.updated_at for e in live)
-
-
-def value_score(key: str, data: bytes, now: float) -> tuple[int, float]:
-    """How good a value is: (live entries, sum of their updated_at); (-1, 0) if it is invalid."""
+def _live_entries(key: str, data: bytes, now: float) -> dict[Hashable, ServerEntry | ModelEntry] | None:
+    """The live entries of a value of ``key``, by peer id ((model, peer id) in the index); None if invalid."""
     try:
         if key == MODEL_INDEX_KEY:
-            entries: list[ServerEntry | ModelEntry] = [
-                e for peers in decode_model_index(data).values() for e in peers.values()
-            ]
+            index = decode_model_index(data)
+            entries: dict[Hashable, ServerEntry | ModelEntry] = {
+                (model, p): e for model, peers in index.items() for p, e in peers.items()
+            }
         else:
-            entries = list(decode_block_value(key, data).values())
+            entries = dict(decode_block_value(key, data))
     except InvalidRecord:
-        return -1, 0.0
-    return _live_score(entries, now)
+        return None
+    return {k: e for k, e in entries.items() if is_live(e, now)}
+
+
+def supersedes(new: dict[K, Entry], old: dict[K, Entry]) -> bool:
+    """Whether a value with live entries ``new`` may replace one with live entries ``old``: it keeps
+    every entry of ``old`` (none missing, none older) and brings news (an entry ``old`` lacks, or a
+    newer one)."""
+    kept = all(k in new and new[k].updated_at >= e.updated_at for k, e in old.items())
+    return kept and any(k not in old or e.updated_at > old[k].updated_at for k, e in new.items())
 
 
 class PetalRecordValidator(Validator):
-    """KadDHT validator for the ``petal`` namespace (block values and the model index)."""
+    """KadDHT validator for the ``petal`` namespace (block values and the model index).
+
+    A storing peer keeps what it holds unless a PUT supersedes it (``select``): a PUT can add
+    entries or refresh them, never drop a live one. So a flood of entries from throw-away keys can
+    sit next to the servers a peer stores, up to MAX_ENTRIES_PER_VALUE, but cannot push them out;
+    and a server's heartbeat, which reads the stored copy and adds its fresh entry, supersedes it.
+    Entries dated more than MAX_CLOCK_SKEW_S ahead make a value invalid: a flood cannot outlive
+    the servers by its timestamps (an entry lives at most MAX_ENTRY_TTL_S).
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock  # this node's wall clock (a test pins it)
 
     def validate(self, key: str, value: bytes) -> None:
-        """Raise InvalidRecord unless every entry of ``value`` is well-formed and signed for ``key``."""
+        """Raise InvalidRecord unless every entry of ``value`` is well-formed, signed for ``key`` and
+        not dated more than MAX_CLOCK_SKEW_S ahead of this node's clock."""
         if key == MODEL_INDEX_KEY:
-            decode_model_index(value)
+            entries: list[ServerEntry | ModelEntry] = [
+                e for p in decode_model_index(value).values() for e in p.values()
+            ]
         else:
             parse_block_key(key)
-            decode_block_value(key, value)
+            entries = list(decode_block_value(key, value).values())
+        limit = self.clock() + MAX_CLOCK_SKEW_S
+        ahead = [e.peer_id for e in entries if e.updated_at > limit]
+        if ahead:
+            raise InvalidRecord(
+                f"value of {key} has {len(ahead)} entries dated over {MAX_CLOCK_SKEW_S:.0f} s ahead of this "
+                f"node's clock (one by {ahead[0]})"
+            )
 
     def select(self, key: str, values: list[bytes]) -> int:
-        """Index of the value with the most live entries, then the newest; the first on ties."""
-        now = time.time()
-        scores = [value_score(key, v, now) for v in values]
-        return max(range(len(values)), key=lambda i: scores[i])
+        """Index of the value to keep; ``values[0]`` is the one a storing peer holds (py-libp2p's
+        PUT_VALUE asks ``select(key, [stored, received])``). A later value replaces the choice so far
+        only if it ``supersedes`` it; an invalid value is never chosen over a valid one."""
+        now = self.clock()
+        live = [_live_entries(key, v, now) for v in values]
+        best = next((i for i, entries in enumerate(live) if entries is not None), 0)
+        for i in range(best + 1, len(values)):
+            candidate, chosen = live[i], live[best]
+            if candidate is not None and chosen is not None and supersedes(candidate, chosen):
+                best = i
+        return best
 
 
 # ---- the network side ----
+
+
+def serves_dht(host: IHost, peer: ID) -> bool:
+    """Whether `peer` told us (by identify) that it answers DHT requests: a server-mode peer, not a client."""
+    try:
+        return str(KAD_PROTOCOL) in (host.get_peerstore().get_protocols(peer) or [])
+    except Exception:  # noqa: BLE001 - a peer the peerstore does not know (yet) is not known to serve
+        return False
+
+
+class _ServerPeersOnlyDHT(KadDHT):
+    """KadDHT whose routing table takes only peers that serve the DHT. py-libp2p adds every peer that sends it a
+    request, assuming a requester is a server; clients (client mode) request too, and once gone they would
+    fill routing tables and cost every read a timeout."""
+
+    async def add_peer(self, peer_id: ID, *, skip_server_mode_check: bool = False) -> bool:
+        if not serves_dht(self.host, peer_id):
+            return False
+        return await super().add_peer(peer_id)
 
 
 class BootstrapError(RuntimeError):
     """None of the bootstrap peers could be reached."""
 
 
+class SwarmReadError(RuntimeError):
+    """A read of the swarm did not get enough answers to tell what it holds (timed out, or too many of the
+    peers closest to a key did not answer): an unknown, never an empty answer."""
+
+    def __init__(self, message: str, found: dict[int, dict[str, ServerEntry]] | None = None):
+        super().__init__(message)
+        self.found = found or {}  # what the blocks that were read conclusively hold
+
+
 @dataclass
 class _Copies:
-    """What a read of one key found: the decoded copies and the peers to write back to."""
+    """What a read of one key found: the decoded copies, the peers to write back to, and whether the swarm
+    answered well enough for an empty result to mean "nobody wrote this key"."""
 
     values: list[dict[Any, Any]]
     peers: list[ID]
+    conclusive: bool = True
 
 
 class SwarmDHT:
@@ -639,15 +757,28 @@ class SwarmDHT:
         return min(stored)
 
     async def get_servers(self, model: str, blocks: Sequence[int]) -> dict[int, dict[str, ServerEntry]]:
-        """For each block, the live, verified entries of the servers covering it (network read)."""
+        """For each block, the live, verified entries of the servers covering it (network read).
+
+        Raises SwarmReadError (with what was read conclusively) when a block came back empty from a read
+        that lost too many answers: "served by no one" is said only when the swarm answered."""
         found: dict[int, dict[str, ServerEntry]] = {}
+        unknown: list[int] = []
 
         async def read_block(block: int) -> None:
             key = block_key(model, block)
             copies = await self._read(key)
-            found[block] = merge_block_values(key, copies.values, time.time())
+            entries = merge_block_values(key, copies.values, time.time())
+            if entries or copies.conclusive:
+                found[block] = entries
+            else:
+                unknown.append(block)
 
         await self._for_each(blocks, read_block)
+        if unknown:
+            raise SwarmReadError(
+                f"the swarm did not answer reads of {len(unknown)} of {len(blocks)} blocks of {model}",
+                {block: found[block] for block in blocks if block in found},
+            )
         return {block: found[block] for block in blocks}
 
     async def list_models(self) -> dict[str, int]:
@@ -677,7 +808,7 @@ class SwarmDHT:
         key_bytes = key.encode()
         me = self.host.get_id()
         known = set(self.kad.routing_table.find_local_closest_peers(key_bytes, REPLICAS))
-        known |= set(self.host.get_connected_peers())
+        known |= {peer for peer in self.host.get_connected_peers() if serves_dht(self.host, peer)}  # not clients
         known.discard(me)
         asked: set[ID] = set()
         answered: set[ID] = set()
@@ -708,13 +839,18 @@ class SwarmDHT:
                         nursery.start_soon(query, peer)
         if scope.cancelled_caught:
             logger.warning("reading %s from the swarm timed out after %.0f s", key, LOOKUP_TIMEOUT_S)
+        # the closest peers asked are those that should hold the key: an empty read means "nobody wrote it"
+        # only if most of them answered, or no other peer is known at all (a swarm of one)
+        closest_asked = sort_peer_ids_by_distance(key_bytes, list(asked))[:REPLICAS]
+        majority = 2 * len(answered.intersection(closest_asked)) >= len(closest_asked)
+        conclusive = not scope.cancelled_caught and majority and (bool(asked) or not known)
         values = []
         for data in raw:
             try:
                 values.append(_unpack_map(data, f"a copy of {key}"))
             except InvalidRecord as e:
                 logger.debug("ignoring %s", e)
-        return _Copies(values, sort_peer_ids_by_distance(key_bytes, list(answered))[:REPLICAS])
+        return _Copies(values, sort_peer_ids_by_distance(key_bytes, list(answered))[:REPLICAS], conclusive)
 
     async def _write(self, key: str, value: bytes, peers: list[ID]) -> int:
         """Store ``value`` locally and at ``peers``; return how many peers accepted it."""
@@ -749,6 +885,7 @@ class SwarmDHT:
                 return result
         logger.info("peer %s did not answer a DHT request; skipping it for %.0f s", peer, UNRESPONSIVE_S)
         self._unresponsive[peer] = trio.current_time() + UNRESPONSIVE_S
+        self.kad.routing_table.remove_peer(peer)  # a gone peer is not offered to others, nor asked again
         return None
 
     async def _copy_from_peer(self, peer: ID, key_bytes: bytes) -> tuple[bytes | None, list[ID]] | None:
@@ -777,7 +914,7 @@ async def open_swarm_dht(
 
     Nodes run it in server mode; clients (and ``petald status``) in client mode, so that peers which
     come and go are never put in anyone's routing table or asked to store values."""
-    kad = KadDHT(host, DHTMode.CLIENT if client else DHTMode.SERVER)
+    kad = _ServerPeersOnlyDHT(host, DHTMode.CLIENT if client else DHTMode.SERVER)
     kad.register_validator(NAMESPACE, PetalRecordValidator())
     async with unwrapped_groups(), background_trio_service(kad):
         swarm = SwarmDHT(kad)

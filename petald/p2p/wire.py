@@ -7,6 +7,7 @@ ProtocolError with a reason, so a bad peer gets an error frame and never an exce
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 import struct
 import weakref
@@ -18,6 +19,14 @@ import numpy as np
 import torch
 
 from petald.errors import PetalError
+from petald.p2p.dht import ANNOUNCED_STATES, QUANTS
+
+# The protocols of a serving node (the bandwidth probe's is in petald.p2p.bandwidth).
+INFERENCE_PROTOCOL = "/petal/inference/1.0.0"
+INFO_PROTOCOL = "/petal/info/1.0.0"
+PUSH_PROTOCOL = "/petal/push/1.0.0"
+FORWARD_PROTOCOL = "/petal/forward/1.0.0"
+BACKWARD_PROTOCOL = "/petal/backward/1.0.0"
 
 MAX_FRAME_BYTES = 256 * 2**20
 MAX_TENSOR_DIMS = 4
@@ -58,14 +67,14 @@ def unpack_tensor(value: Any, what: str, max_bytes: int = MAX_FRAME_BYTES) -> to
     if not isinstance(value, dict) or set(value) != {"dtype", "shape", "data"}:
         raise ProtocolError(f"{what} is not a tensor (want a map with dtype, shape, data)")
     dtype_name, shape, data = value["dtype"], value["shape"], value["data"]
-    if dtype_name not in WIRE_DTYPES:
-        raise ProtocolError(f"{what} has dtype {dtype_name!r}; allowed: {', '.join(WIRE_DTYPES)}", "bad_dtype")
+    if not isinstance(dtype_name, str) or dtype_name not in WIRE_DTYPES:
+        raise ProtocolError(f"{what} has dtype {dtype_name!r:.40}; allowed: {', '.join(WIRE_DTYPES)}", "bad_dtype")
     if (
         not isinstance(shape, list)
         or len(shape) > MAX_TENSOR_DIMS
         or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**31 for d in shape)
     ):
-        raise ProtocolError(f"{what} has an invalid shape {shape!r}", "bad_shape")
+        raise ProtocolError(f"{what} has an invalid shape {shape!r:.80}", "bad_shape")
     if not isinstance(data, bytes):
         raise ProtocolError(f"{what} data is not bytes")
     dtype = WIRE_DTYPES[dtype_name]
@@ -95,14 +104,14 @@ _NUMPY = {
 def _int(msg: dict, key: str, low: int, high: int) -> int:
     value = msg.get(key)
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise ProtocolError(f"{key} must be an integer in [{low}, {high}], got {value!r}")
+        raise ProtocolError(f"{key} must be an integer in [{low}, {high}], got {value!r:.80}")
     return value
 
 
 def _float(msg: dict, key: str) -> float:
     value = msg.get(key)
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise ProtocolError(f"{key} must be a finite number, got {value!r}")
+        raise ProtocolError(f"{key} must be a finite number, got {value!r:.80}")
     return float(value)
 
 
@@ -112,6 +121,13 @@ def _str(msg: dict, key: str, max_length: int = MAX_NAME_LENGTH, optional: bool 
         return None
     if not isinstance(value, str) or not 0 < len(value) <= max_length:
         raise ProtocolError(f"{key} must be a string of 1 to {max_length} characters, got {value!r:.80}")
+    return value
+
+
+def _choice(msg: dict, key: str, allowed: tuple[str, ...]) -> str:
+    value = msg.get(key)
+    if not isinstance(value, str) or value not in allowed:
+        raise ProtocolError(f"{key} must be one of {', '.join(allowed)}, got {value!r:.40}")
     return value
 
 
@@ -178,11 +194,19 @@ def _prompts(msg: dict, hidden: torch.Tensor, limits: Limits, blocks: int | None
 MESSAGE_TYPES: dict[str, type[Message]] = {}
 
 
+class Sender(enum.Enum):
+    """Which side of a stream sends a message type."""
+
+    REQUESTER = "the peer that opened the stream (a client, or a server pushing to the next one)"
+    SERVER = "the server that answers the stream"
+
+
 @dataclass
 class Message:
-    """Base of every message; `TYPE` is its "type" field on the wire."""
+    """Base of every message; `TYPE` is its "type" field on the wire, `SENT_BY` the side that sends it."""
 
     TYPE: ClassVar[str] = ""
+    SENT_BY: ClassVar[Sender]
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -215,6 +239,7 @@ class OpenSession(Message):
     """Client -> server: reserve a KV cache for `batch_size` x `max_length` tokens on blocks [start, end)."""
 
     TYPE: ClassVar[str] = "open"
+    SENT_BY: ClassVar[Sender] = Sender.REQUESTER
     model: str
     start: int
     end: int
@@ -241,6 +266,7 @@ class SessionOpened(Message):
     """Server -> client: the cache is reserved."""
 
     TYPE: ClassVar[str] = "opened"
+    SENT_BY: ClassVar[Sender] = Sender.SERVER
     session_id: str
     cache_tokens_left: int
 
@@ -254,6 +280,7 @@ class Step(Message):
     """Client -> server: new tokens' hidden states [B, T, H] (and their padding mask [B, T], 1 = real)."""
 
     TYPE: ClassVar[str] = "step"
+    SENT_BY: ClassVar[Sender] = Sender.REQUESTER
     step: int
     hidden: torch.Tensor
     attention_mask: torch.Tensor | None = None
@@ -261,6 +288,9 @@ class Step(Message):
     push_to: list[NextHop] = field(default_factory=list)
     # deep prompts [session blocks, B or 1, P, H] added to the first P positions: only on a session's first step
     prompts: torch.Tensor | None = None
+    # where the new tokens start: the session's cache is cut back to its first `position` tokens first (a
+    # rewind, e.g. of rejected draft tokens); None: after everything cached
+    position: int | None = None
 
     def to_wire(self) -> dict[str, Any]:
         body = super().to_wire()
@@ -271,12 +301,14 @@ class Step(Message):
     def from_wire(cls, msg, limits):
         hidden = _hidden_states(msg, "hidden", limits)
         mask = _attention_mask(msg, hidden, limits)
-        push_to = msg.get("push_to") or []
+        push_to = msg.get("push_to")
+        push_to = [] if push_to is None else push_to
         if not isinstance(push_to, list) or len(push_to) > MAX_PUSH_HOPS:
             raise ProtocolError(f"push_to must be a list of at most {MAX_PUSH_HOPS} hops")
         prompts = _prompts(msg, hidden, limits)
         hops = [NextHop.from_wire(hop) for hop in push_to]
-        return cls(_int(msg, "step", 0, 1 << 40), hidden, mask, hops, prompts)
+        position = None if msg.get("position") is None else _int(msg, "position", 0, 1 << 40)
+        return cls(_int(msg, "step", 0, 1 << 40), hidden, mask, hops, prompts, position)
 
 
 MAX_PUSH_HOPS = 64
@@ -308,6 +340,7 @@ class Push(Step):
     """Server -> server: a step for the receiver's session `session_id` on blocks from `start`."""
 
     TYPE: ClassVar[str] = "push"
+    SENT_BY: ClassVar[Sender] = Sender.REQUESTER
     session_id: str = ""
     start: int = 0
 
@@ -319,6 +352,7 @@ class Push(Step):
             step.hidden,
             step.attention_mask,
             step.push_to,
+            position=step.position,
             session_id=_str(msg, "session_id", 64),
             start=_int(msg, "start", 0, 1 << 20),
         )
@@ -329,6 +363,7 @@ class StepResult(Message):
     """Server -> client: the span's output for that step; `pushed` says it went on to the next server too."""
 
     TYPE: ClassVar[str] = "result"
+    SENT_BY: ClassVar[Sender] = Sender.SERVER
     step: int
     hidden: torch.Tensor
     pushed: bool = False
@@ -344,6 +379,7 @@ class CloseSession(Message):
     """Client -> server: the session is over; free its cache."""
 
     TYPE: ClassVar[str] = "close"
+    SENT_BY: ClassVar[Sender] = Sender.REQUESTER
 
     @classmethod
     def from_wire(cls, msg, limits):
@@ -358,6 +394,7 @@ class ForwardRequest(Message):
     `adapter` names a LoRA adapter the server serves (None: the base weights)."""
 
     TYPE: ClassVar[str] = "forward"
+    SENT_BY: ClassVar[Sender] = Sender.REQUESTER
     model: str
     start: int
     end: int
@@ -401,6 +438,7 @@ class ForwardResult(Message):
     """Server -> client: the output hidden states of a forward request."""
 
     TYPE: ClassVar[str] = "forward_result"
+    SENT_BY: ClassVar[Sender] = Sender.SERVER
     hidden: torch.Tensor
 
     @classmethod
@@ -414,6 +452,7 @@ class BackwardRequest(ForwardRequest):
     output; the server recomputes the forward pass and returns the gradients w.r.t. the inputs."""
 
     TYPE: ClassVar[str] = "backward"
+    SENT_BY: ClassVar[Sender] = Sender.REQUESTER
     grad_output: torch.Tensor | None = None  # required; a default only because the fields before it have one
 
     @classmethod
@@ -434,6 +473,7 @@ class BackwardResult(Message):
     """Server -> client: gradients w.r.t. the hidden states and (if any were sent) the deep prompts."""
 
     TYPE: ClassVar[str] = "backward_result"
+    SENT_BY: ClassVar[Sender] = Sender.SERVER
     grad_hidden: torch.Tensor
     grad_prompts: torch.Tensor | None = None
 
@@ -453,6 +493,7 @@ class BandwidthProbe(Message):
     """Node -> node: bytes that time the link between them; the receiver answers BandwidthAck."""
 
     TYPE: ClassVar[str] = "probe"
+    SENT_BY: ClassVar[Sender] = Sender.REQUESTER
     payload: bytes
 
     @classmethod
@@ -468,6 +509,7 @@ class BandwidthAck(Message):
     """Node -> node: every byte of the probe arrived."""
 
     TYPE: ClassVar[str] = "probe_ack"
+    SENT_BY: ClassVar[Sender] = Sender.SERVER
     received: int
 
     @classmethod
@@ -477,9 +519,11 @@ class BandwidthAck(Message):
 
 @dataclass
 class ErrorReply(Message):
-    """Either side: the request failed; `code` is machine-readable, `reason` is for people."""
+    """Server -> requester: the request failed; `code` is machine-readable, `reason` is for people. Admitted only
+    where a server's reply is expected (`decode`): a server reading requests answers one with "unexpected"."""
 
     TYPE: ClassVar[str] = "error"
+    SENT_BY: ClassVar[Sender] = Sender.SERVER
     code: str
     reason: str
 
@@ -493,6 +537,7 @@ class InfoRequest(Message):
     """Client -> server: what do you serve, how busy are you? (also a ping)"""
 
     TYPE: ClassVar[str] = "info?"
+    SENT_BY: ClassVar[Sender] = Sender.REQUESTER
 
     @classmethod
     def from_wire(cls, msg, limits):
@@ -504,6 +549,7 @@ class ServerInfo(Message):
     """Server -> client: the answer to InfoRequest."""
 
     TYPE: ClassVar[str] = "info"
+    SENT_BY: ClassVar[Sender] = Sender.SERVER
     model: str
     start: int
     end: int
@@ -520,22 +566,26 @@ class ServerInfo(Message):
             model=_str(msg, "model"),
             start=_int(msg, "start", 0, 1 << 20),
             end=_int(msg, "end", 1, 1 << 20),
-            state=_str(msg, "state", 16),
+            state=_choice(msg, "state", ANNOUNCED_STATES),
             throughput=_float(msg, "throughput"),
             cache_tokens_left=_int(msg, "cache_tokens_left", 0, 1 << 62),
-            quant=_str(msg, "quant", 16),
+            quant=_choice(msg, "quant", QUANTS),
             version=_str(msg, "version", 64),
             adapters=_str_list(msg, "adapters"),
         )
 
 
 def decode(payload: dict, limits: Limits = Limits(), expect: tuple[type[Message], ...] = ()) -> Message:
-    """The typed message in a decoded frame; an unknown or unexpected type is a ProtocolError."""
+    """The typed message in a decoded frame; an unknown or unexpected type is a ProtocolError.
+
+    With `expect`, only those types are admitted, and an ErrorReply too where every expected type is
+    sent by a server: a server reading requests takes no error frames from its peers."""
     kind = payload.get("type") if isinstance(payload, dict) else None
     cls = MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise ProtocolError(f"unknown message type {kind!r:.40}")
-    if expect and cls not in expect and cls is not ErrorReply:
+    replies_expected = all(c.SENT_BY is Sender.SERVER for c in expect)
+    if expect and cls not in expect and not (cls is ErrorReply and replies_expected):
         wanted = " or ".join(c.TYPE for c in expect)
         raise ProtocolError(f"expected a {wanted!r} message here, got {kind!r}", "unexpected")
     return cls.from_wire(payload, limits)

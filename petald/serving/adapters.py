@@ -13,6 +13,7 @@ import pickle
 import re
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -285,11 +286,16 @@ def _layer_weights(
 
 
 class AdapterChoice:
-    """The adapters served on one span module and the one its LoraLinear layers run now (None: the base model)."""
+    """The adapters served on one span module."""
 
     def __init__(self) -> None:
         self.served: list[str] = []
-        self.active: str | None = None
+
+
+# The adapter of the computation running in this thread, with the span it is for (None: the base model). A context
+# variable, set by the computation itself: each worker thread runs in its own context, so two passes with different
+# adapters never see each other's choice.
+_ACTIVE: ContextVar[tuple[AdapterChoice, str] | None] = ContextVar("active_adapter", default=None)
 
 
 class LoraLinear(nn.Module):
@@ -313,9 +319,10 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         output = self.base(x)
-        if self.choice.active not in self.slots:
+        active = _ACTIVE.get()
+        if active is None or active[0] is not self.choice or active[1] not in self.slots:
             return output
-        slot, scaling = self.slots[self.choice.active]
+        slot, scaling = self.slots[active[1]]
         a, b = self.get_buffer(f"lora_a{slot}"), self.get_buffer(f"lora_b{slot}")
         update = F.linear(F.linear(x.to(a.dtype), a), b) * scaling
         return output + update.to(output.dtype)
@@ -363,19 +370,21 @@ def served_adapters(module: nn.Module) -> tuple[str, ...]:
     return tuple(choice.served) if choice is not None else ()
 
 
-@contextmanager
-def active_adapter(module: nn.Module, name: str | None) -> Iterator[None]:
-    """Run span `module` with adapter `name` (None: the base model) inside the block; the previous choice comes back
-    on exit, exception or not. An adapter that is not served here is an AdapterError."""
-    choice: AdapterChoice | None = getattr(module, "adapter_choice", None)
-    if name is not None and (choice is None or name not in choice.served):
+def check_adapter(module: nn.Module, name: str | None) -> None:
+    """AdapterError unless `name` is None or an adapter served on span `module`."""
+    if name is not None and name not in served_adapters(module):
         served = ", ".join(served_adapters(module)) or "none"
         raise AdapterError(f"adapter {name!r} is not served here (served adapters: {served})")
-    if choice is None:
-        yield
-        return
-    previous, choice.active = choice.active, name
+
+
+@contextmanager
+def active_adapter(module: nn.Module, name: str | None) -> Iterator[None]:
+    """Run span `module` with adapter `name` (None: the base model) inside the block, in this thread only; the
+    previous choice comes back on exit, exception or not. An adapter that is not served here is an AdapterError."""
+    check_adapter(module, name)
+    choice: AdapterChoice | None = getattr(module, "adapter_choice", None)
+    token = _ACTIVE.set(None if choice is None or name is None else (choice, name))
     try:
         yield
     finally:
-        choice.active = previous
+        _ACTIVE.reset(token)

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 import trio
 
+import petald
+from petald.config import NodeConfig
 from petald.errors import AdapterError
+from petald.p2p.dht import ServerState
 from petald.p2p.wire import (
     BackwardRequest,
     BackwardResult,
@@ -23,6 +27,7 @@ from petald.p2p.wire import (
     ForwardResult,
     InfoRequest,
     Limits,
+    NextHop,
     OpenSession,
     ProtocolError,
     Push,
@@ -46,18 +51,46 @@ BACKWARD_PROTOCOL = "/petal/backward/1.0.0"
 WRITE_TIMEOUT = 30.0
 PUSH_TIMEOUT = 5.0
 INBOX_SIZE = 16
+MAX_TENSOR_BYTES = 128 * 2**20  # one tensor of a message
+# batch x tokens of one backward request: its recomputation of a layer with autograd is one job, whose memory grows
+# with tokens x tokens on a padded sequence (the client sends chunks of 4096)
+MAX_BACKWARD_TOKENS = 4096
 
 
-@dataclass
+@dataclass(frozen=True)
 class ServingOptions:
+    """The limits and timeouts a server applies. Built from the node's configuration (from_config), whose
+    defaults are the only ones."""
+
     model: str  # the model's name in the swarm
-    max_cache_tokens: int = 16384
-    max_batch_size: int = 64
-    max_tensor_bytes: int = 128 * 2**20
-    max_forward_tokens: int = 16384  # batch x tokens of one forward or backward request
-    step_timeout: float = 300.0  # longest wait for a session's next step
-    session_timeout: float = 1800.0  # longest life of one session
+    max_cache_tokens: int
+    max_batch_size: int
+    max_forward_tokens: int  # batch x tokens of one forward request
+    step_timeout: float  # longest wait for a session's next step
+    session_timeout: float  # longest life of one session
+    max_tensor_bytes: int = MAX_TENSOR_BYTES
     version: str = ""
+
+    @classmethod
+    def from_config(cls, config: NodeConfig, model: str) -> ServingOptions:
+        return cls(
+            model=model,
+            max_cache_tokens=config.max_cache_tokens,
+            max_batch_size=config.max_batch_size,
+            max_forward_tokens=config.max_forward_tokens,
+            step_timeout=config.step_timeout,
+            session_timeout=config.session_timeout,
+            version=petald.__version__,
+        )
+
+    def wire_limits(self) -> Limits:
+        """What the wire accepts from peers. max_length stays the protocol's own bound: the budget check answers a
+        too-long session with "cache_full" and the room left, which a client can act on."""
+        return Limits(
+            max_tensor_bytes=self.max_tensor_bytes,
+            max_batch_size=self.max_batch_size,
+            max_forward_tokens=self.max_forward_tokens,
+        )
 
 
 @dataclass
@@ -71,6 +104,8 @@ class LiveSession:
     stream: object
     last_step: int = -1
     write_lock: trio.Lock = field(default_factory=trio.Lock)
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)  # cancelled when the server closes it
+    closed_by_server: ErrorReply | None = None  # why the server closed it: the last frame its client gets
 
     def __post_init__(self):
         self.inbox_in, self.inbox = trio.open_memory_channel(INBOX_SIZE)
@@ -79,6 +114,63 @@ class LiveSession:
         """Write to the client: the step runner and the stream reader both answer it."""
         async with self.write_lock:
             await write_message(self.stream, message)
+
+    def close(self, code: str, reason: str) -> None:
+        """End the session from the server's side: its task stops, tells the client why, and frees its cache."""
+        self.closed_by_server = ErrorReply(code, reason)
+        self.scope.cancel()
+
+
+class PushLink:
+    """This server's push stream to one next server, shared by every session pushing there.
+
+    One lock covers opening and writing, so one stream is opened and each frame is written whole. A receiver never
+    writes on a push stream, so a watcher reading it sees any end at once (the receiver restarted, or dropped the
+    stream after a bad frame) and forgets the stream: the next push opens a fresh one instead of writing into a
+    dead one."""
+
+    def __init__(self, host, nursery: trio.Nursery):
+        self.host = host
+        self._nursery = nursery  # where the watchers of its streams run
+        self._lock = trio.Lock()
+        self._stream = None
+
+    @property
+    def idle(self) -> bool:
+        """No stream, and no push under way or waiting: nothing would miss the link if it were forgotten."""
+        return self._stream is None and not self._lock.locked()
+
+    async def send(self, hop: NextHop, message: Push) -> None:
+        """Write `message` on the open stream, opening one first if there is none; any failure closes the stream."""
+        async with self._lock:
+            if self._stream is None:
+                self._stream = await open_push_stream(self.host, hop)
+                self._nursery.start_soon(self._watch, self._stream)
+                log.debug("push stream to %s opened", hop.peer_id[:16])
+            stream = self._stream
+            try:
+                await write_message(stream, message)
+            except BaseException:
+                await self._drop(stream)
+                raise
+
+    async def close(self) -> None:
+        if self._stream is not None:
+            await self._drop(self._stream)
+
+    async def _watch(self, stream) -> None:
+        try:
+            while await stream.read(1 << 16):
+                pass  # a receiver that writes breaks the protocol: the stream ends here as well
+        except Exception as e:  # EOF or reset: the receiver or its connection is gone
+            log.debug("push stream closed by the receiver: %r", e)
+        await self._drop(stream)
+
+    async def _drop(self, stream) -> None:
+        if self._stream is stream:
+            self._stream = None
+        with trio.CancelScope(shield=True):  # a push that timed out still closes its half-written stream
+            await _close(stream)
 
 
 class SpanServer:
@@ -89,23 +181,19 @@ class SpanServer:
         self.options = options
         self.budget = CacheBudget(options.max_cache_tokens)
         self.compute = trio.CapacityLimiter(1)  # one torch job at a time: the CPU/GPU is not oversubscribed
-        self.state = "ONLINE"
+        self._state = ServerState.ONLINE
         self.throughput = 0.0
         self.sessions_done = trio.Event()
         self.live: dict[tuple[str, int], LiveSession] = {}
-        self.push_streams: dict[str, object] = {}  # next server's peer id -> open push stream
+        self.push_links: dict[str, PushLink] = {}  # next server's peer id -> the link every session pushes through
         self.host = None  # the libp2p host it serves on (attach), through which it also pushes
-        # max_length stays the protocol's own bound: the budget check answers a too-long session with
-        # "cache_full" and the room left, which a client can act on
-        self.limits = Limits(
-            max_tensor_bytes=options.max_tensor_bytes,
-            max_batch_size=options.max_batch_size,
-            max_forward_tokens=options.max_forward_tokens,
-        )
+        self._nursery: trio.Nursery | None = None  # where push links watch their streams
+        self.limits = options.wire_limits()
 
-    def attach(self, host) -> None:
-        """Answer this server's protocols on `host`, and push steps to the next servers through it."""
-        self.host = host
+    def attach(self, host, nursery: trio.Nursery) -> None:
+        """Answer this server's protocols on `host`, and push steps to the next servers through it; the push links'
+        watchers run in `nursery`."""
+        self.host, self._nursery = host, nursery
         host.set_stream_handler(INFERENCE_PROTOCOL, self.handle_inference)
         host.set_stream_handler(INFO_PROTOCOL, self.handle_info)
         host.set_stream_handler(PUSH_PROTOCOL, self.handle_push)
@@ -113,15 +201,54 @@ class SpanServer:
         host.set_stream_handler(BACKWARD_PROTOCOL, self.handle_backward)
 
     @property
+    def state(self) -> ServerState:
+        return self._state
+
+    @property
     def accepting(self) -> bool:
-        return self.state == "ONLINE"
+        return self._state == ServerState.ONLINE
+
+    def stop_accepting(self) -> None:
+        """Refuse new sessions and requests (OFFLINE); those open go on."""
+        self._state = ServerState.OFFLINE
+
+    def resume(self) -> None:
+        """Take new sessions and requests again (ONLINE)."""
+        self._state = ServerState.ONLINE
+
+    async def drain(self, timeout: float, code: str, reason: str) -> None:
+        """Stop accepting, wait at most `timeout` s for the open sessions to end, then close the rest, telling
+        their clients `code` and `reason`; returns once every session's cache is freed."""
+        self.stop_accepting()
+        with trio.move_on_after(timeout):
+            while self.budget.sessions:
+                await self.sessions_done.wait()
+        if self.budget.sessions:
+            log.warning("drain timeout: %d sessions still open, closing them", self.budget.sessions)
+            for session in list(self.live.values()):
+                session.close(code, reason)
+            # each session's task answers its client and frees its cache; a step in flight finishes first
+            while self.budget.sessions:
+                await self.sessions_done.wait()
+
+    def swap_span(self, span: Span) -> None:
+        """Serve `span` instead of the current one; only a drained server swaps (no session runs on the old span)."""
+        if self.budget.sessions:
+            raise RuntimeError(f"{self.budget.sessions} sessions are open: drain the server before swapping its span")
+        self.span = span
+
+    async def stop(self) -> None:
+        """Stop accepting and close every push link."""
+        self.stop_accepting()
+        for link in self.push_links.values():
+            await link.close()
 
     def info(self) -> ServerInfo:
         return ServerInfo(
             model=self.options.model,
             start=self.span.start,
             end=self.span.end,
-            state=self.state,
+            state=str(self._state),
             throughput=self.throughput,
             cache_tokens_left=self.budget.tokens_left,
             quant=self.span.quant,
@@ -154,15 +281,18 @@ class SpanServer:
             with trio.fail_after(self.options.step_timeout):
                 request = await read_message(stream, self.limits, expect=(OpenSession,))
             session = self._open(request, stream)
-            with trio.fail_after(WRITE_TIMEOUT):
-                await session.send(SessionOpened(request.session_id, self.budget.tokens_left))
-            with trio.move_on_after(self.options.session_timeout) as lifetime:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._read_client_steps, session)
-                    await self._run_steps(session)
-                    nursery.cancel_scope.cancel()
-            if lifetime.cancelled_caught:
-                await _send_error(session, "session_timeout", f"session exceeded {self.options.session_timeout} s")
+            with session.scope:
+                with trio.fail_after(WRITE_TIMEOUT):
+                    await session.send(SessionOpened(request.session_id, self.budget.tokens_left))
+                with trio.move_on_after(self.options.session_timeout) as lifetime:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._read_client_steps, session)
+                        await self._run_steps(session)
+                        nursery.cancel_scope.cancel()
+                if lifetime.cancelled_caught:
+                    await _send_error(session, "session_timeout", f"session exceeded {self.options.session_timeout} s")
+            if session.closed_by_server is not None:
+                await _send_error(session, session.closed_by_server.code, session.closed_by_server.reason)
         except (ProtocolError, CacheFullError) as e:
             await _send_error(session or stream, getattr(e, "code", "cache_full"), str(e))
         except trio.TooSlowError:
@@ -232,6 +362,7 @@ class SpanServer:
                 message.hidden,
                 message.attention_mask,
                 message.prompts,
+                message.position,
                 limiter=self.compute,
             )
             session.last_step = message.step
@@ -243,23 +374,34 @@ class SpanServer:
     async def _push(self, step: Step, output: torch.Tensor) -> bool:
         """Send `output` on to the next server's session; False if that failed (the client then sends it)."""
         hop, rest = step.push_to[0], step.push_to[1:]
-        message = Push(step.step, output, step.attention_mask, rest, session_id=hop.session_id, start=hop.start)
+        message = Push(
+            step.step,
+            output,
+            step.attention_mask,
+            rest,
+            position=step.position,  # the next server drops the same rejected tokens
+            session_id=hop.session_id,
+            start=hop.start,
+        )
+        link = self.push_links.get(hop.peer_id)
+        if link is None:
+            if self._nursery is None:
+                log.info("push to %s not sent: this server is attached to no host", hop.peer_id[:16])
+                return False
+            link = self.push_links[hop.peer_id] = PushLink(self.host, self._nursery)
         try:
             with trio.fail_after(PUSH_TIMEOUT):
-                stream = self.push_streams.get(hop.peer_id)
-                if stream is None:
-                    stream = self.push_streams[hop.peer_id] = await open_push_stream(self.host, hop)
-                await write_message(stream, message)
+                await link.send(hop, message)
             return True
         except Exception as e:  # noqa: BLE001 - any failure falls back to the client sending it
             log.info("push to %s failed: %r", hop.peer_id[:16], e)
-            stale = self.push_streams.pop(hop.peer_id, None)
-            if stale is not None:
-                await _close(stale)
+            if link.idle and self.push_links.get(hop.peer_id) is link:
+                del self.push_links[hop.peer_id]  # links to peers that cannot be reached do not pile up
             return False
 
     async def handle_push(self, stream) -> None:
         """Steps pushed by previous servers, for sessions open here; one stream per pushing server."""
+        log.debug("push stream accepted")
         try:
             while True:
                 with trio.fail_after(self.options.session_timeout):
@@ -289,11 +431,13 @@ class SpanServer:
         try:
             with trio.fail_after(self.options.step_timeout):
                 request = await read_message(stream, self.limits, expect=(kind,))
-            if isinstance(request, ErrorReply):
-                raise ProtocolError(f"expected a {kind.TYPE!r} message here, got an error", "unexpected")
             span = self.span  # a server that moves swaps its span; this request runs on the one it was checked on
             layers = self._check_stateless(request, span)
-            reply = await trio.to_thread.run_sync(_compute, span, request, layers, limiter=self.compute)
+            # one job at a time in the compute lane: inference steps queued meanwhile run between them
+            jobs, result = _jobs(span, request, layers), None
+            while result is None:
+                result = await trio.to_thread.run_sync(next, jobs, limiter=self.compute)
+            reply = _reply(request, result)
             with trio.fail_after(WRITE_TIMEOUT):
                 await write_message(stream, reply)
         except ProtocolError as e:
@@ -308,6 +452,13 @@ class SpanServer:
     def _check_stateless(self, request: ForwardRequest, span: Span) -> slice:
         """The span's local layers for the request's blocks, after checking everything the wire cannot."""
         self._admit(request, span, "requests")
+        batch, length, _ = request.hidden.shape
+        if isinstance(request, BackwardRequest) and batch * length > MAX_BACKWARD_TOKENS:
+            raise ProtocolError(
+                f"{batch} x {length} tokens are over this server's limit of {MAX_BACKWARD_TOKENS} per backward "
+                f"request: send smaller chunks",
+                "too_large",
+            )
         if request.hidden.shape[2] != span.hidden_size:
             raise ProtocolError(
                 f"hidden states have size {request.hidden.shape[2]}, this model's are {span.hidden_size}", "bad_shape"
@@ -344,9 +495,15 @@ class SpanServer:
                 f"[{request.batch_size}, tokens >= 1, {self.span.hidden_size}]",
                 "bad_shape",
             )
-        if span_session.length + length > request.max_length:
+        past = span_session.length if step.position is None else step.position  # tokens the step builds on
+        if past > span_session.length:
             raise ProtocolError(
-                f"this step would make the session {span_session.length + length} tokens long, "
+                f"step {step.step} starts at position {past}, but this session holds {span_session.length} tokens",
+                "bad_position",
+            )
+        if past + length > request.max_length:
+            raise ProtocolError(
+                f"this step would make the session {past + length} tokens long, "
                 f"over its max_length {request.max_length}",
                 "too_long",
             )
@@ -354,7 +511,7 @@ class SpanServer:
             raise ProtocolError("hidden holds NaN or infinity", "bad_value")
         if step.prompts is not None:
             blocks = request.end - request.start
-            if span_session.length != 0 or step.push_to:
+            if past != 0 or step.push_to:
                 raise ProtocolError("deep prompts go only with a session's first step, and are not pushed", "bad_step")
             if step.prompts.shape[0] != blocks:
                 raise ProtocolError(
@@ -364,18 +521,23 @@ class SpanServer:
                 raise ProtocolError("prompts hold NaN or infinity", "bad_value")
 
 
-def _compute(span: Span, request: ForwardRequest, layers: slice) -> ForwardResult | BackwardResult:
-    """The answer to a checked forward or backward request (torch work: runs in a worker thread)."""
+def _jobs(span: Span, request: ForwardRequest, layers: slice) -> Iterator:
+    """The jobs of a checked forward or backward request (Span.forward_jobs, backward_jobs)."""
     if isinstance(request, BackwardRequest):
-        grad_hidden, grad_prompts = span.backward(
+        return span.backward_jobs(
             request.hidden, request.grad_output, request.attention_mask, layers, request.prompts, request.adapter
         )
+    return span.forward_jobs(request.hidden, request.attention_mask, layers, request.prompts, request.adapter)
+
+
+def _reply(request: ForwardRequest, result) -> ForwardResult | BackwardResult:
+    """The answer to `request`, given the last result of its jobs, in the request's dtypes."""
+    if isinstance(request, BackwardRequest):
+        grad_hidden, grad_prompts = result
         if grad_prompts is not None:
             grad_prompts = grad_prompts.to(request.prompts.dtype)
         return BackwardResult(grad_hidden.to(request.hidden.dtype), grad_prompts)
-    with torch.no_grad():
-        output = span.forward(request.hidden, request.attention_mask, layers, request.prompts, request.adapter)
-    return ForwardResult(output.to(request.hidden.dtype))
+    return ForwardResult(result.to(request.hidden.dtype))
 
 
 async def _send_error(target, code: str, reason: str) -> None:
@@ -400,6 +562,9 @@ async def open_push_stream(host, hop):
 
     peer_id = ID.from_base58(hop.peer_id)
     addrs = [info_from_p2p_addr(Multiaddr(a)).addrs[0] for a in hop.addrs if a.endswith(f"/p2p/{hop.peer_id}")]
+    known = host.get_network().get_connections(peer_id)
+    if known and all(conn.is_closed for conn in known):
+        await host.disconnect(peer_id)  # py-libp2p keeps a dead connection listed, and connect() would not dial
     await host.connect(PeerInfo(peer_id, addrs))
     return await host.new_stream(peer_id, [PUSH_PROTOCOL])
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Generator, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -14,9 +15,17 @@ from transformers.cache_utils import DynamicCache
 
 from petald.errors import PetalError, SpanError
 from petald.models.loading import load_span_module
-from petald.serving.adapters import active_adapter, attach_adapters, load_lora_adapter, served_adapters
+from petald.p2p.dht import QUANTS
+from petald.serving.adapters import (
+    active_adapter,
+    attach_adapters,
+    check_adapter,
+    load_lora_adapter,
+    served_adapters,
+)
 
-QUANT_TYPES = ("none", "int8", "nf4")
+CHUNK_TOKENS = 1024  # batch x tokens of one job of a long forward pass: bounds its attention memory and its time
+T = TypeVar("T")
 
 
 @dataclass
@@ -38,6 +47,14 @@ class SpanSession:
     def length(self) -> int:
         return self.attention_mask.shape[1]
 
+    def rewind(self, position: int) -> None:
+        """Keep only the first `position` tokens of the cache (e.g. drop rejected draft tokens)."""
+        if not 0 <= position <= self.length:
+            raise SpanError(f"cannot rewind to position {position}: the session holds {self.length} tokens")
+        if position < self.length:
+            self.cache.crop(position - self.length)  # transformers takes the (negative) count of tokens to drop
+            self.attention_mask = self.attention_mask[:, :position]
+
 
 class Span:
     """Blocks [start, end) of one model, ready to run on hidden states."""
@@ -55,8 +72,8 @@ class Span:
     ) -> Span:
         """Read only blocks [start, end) of `model_dir`; quantize their Linear layers if `quant` says so; serve
         the LoRA `adapters` (name -> peft adapter directory) on them."""
-        if quant not in QUANT_TYPES:
-            raise PetalError(f"unknown quantization {quant!r}: use one of {', '.join(QUANT_TYPES)}")
+        if quant not in QUANTS:
+            raise PetalError(f"unknown quantization {quant!r}: use one of {', '.join(QUANTS)}")
         module, config = load_span_module(model_dir, start, end)
         if quant != "none":
             quantize_linears(module, quant)
@@ -74,8 +91,7 @@ class Span:
 
     def check_adapter(self, name: str | None) -> None:
         """AdapterError unless `name` is None or an adapter served here."""
-        with active_adapter(self.module, name):
-            pass
+        check_adapter(self.module, name)
 
     @property
     def hidden_size(self) -> int:
@@ -109,11 +125,15 @@ class Span:
         hidden: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         prompts: torch.Tensor | None = None,
+        position: int | None = None,
     ) -> torch.Tensor:
         """Run new tokens `hidden` [B, T, H] through the span, extending the session's cache by T tokens.
 
         `attention_mask` [B, T] marks padding among the new tokens (default: none). `prompts` [session's
-        blocks, B or 1, P, H] are deep prompts for the first P positions: only with a session's first step."""
+        blocks, B or 1, P, H] are deep prompts for the first P positions: only with a session's first step.
+        With `position`, the new tokens follow the first `position` cached ones (the rest is dropped first)."""
+        if position is not None:
+            session.rewind(position)
         if prompts is not None and session.length != 0:
             raise SpanError("deep prompts go only with a session's first step")
         if session.span_blocks != (self.start, self.end):
@@ -158,15 +178,107 @@ class Span:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Gradients w.r.t. `hidden` and `prompts` of the forward pass's output, given the gradient w.r.t. that
         output: the forward pass is recomputed (nothing is kept between requests)."""
-        with torch.enable_grad():
-            inputs = [hidden.detach().float().requires_grad_(True)]
-            if prompts is not None:
-                inputs.append(prompts.detach().float().requires_grad_(True))
-            output = self.forward(
-                inputs[0], attention_mask, layers, inputs[1] if prompts is not None else None, adapter
-            )
-            grads = torch.autograd.grad(output, inputs, grad_output.float())
-        return grads[0], grads[1] if prompts is not None else None
+        return run_jobs(self.backward_jobs(hidden, grad_output, attention_mask, layers, prompts, adapter))
+
+    def forward_jobs(
+        self,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        layers: slice = slice(None),
+        prompts: torch.Tensor | None = None,
+        adapter: str | None = None,
+        chunk_tokens: int = CHUNK_TOKENS,
+    ) -> Iterator[torch.Tensor | None]:
+        """`forward` without autograd, as jobs the caller runs one by one (other work may run between them): each
+        job runs one layer, on the whole sequence or, if it has padding, on at most `chunk_tokens` (batch x tokens)
+        of it, attending to the layer's keys so far through a cache of that layer alone. A padded sequence's
+        attention then takes chunk x sequence memory, not the sequence x sequence of one pass (a dense mask, and no
+        causal fast path). Yields None after each job, then the output."""
+        check_adapter(self.module, adapter)
+        states = yield from self._layer_states(hidden, attention_mask, layers, prompts, adapter, chunk_tokens, False)
+        yield states[-1]
+
+    def backward_jobs(
+        self,
+        hidden: torch.Tensor,
+        grad_output: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        layers: slice = slice(None),
+        prompts: torch.Tensor | None = None,
+        adapter: str | None = None,
+        chunk_tokens: int = CHUNK_TOKENS,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None] | None]:
+        """`backward` as jobs: the forward pass as in `forward_jobs`, keeping each layer's input; then, from the
+        last layer back, one job per layer that recomputes it with autograd and passes the gradient on, so memory
+        holds one layer's graph at a time. Yields None after each job, then (grad hidden, grad prompts)."""
+        check_adapter(self.module, adapter)
+        mask = _mask(hidden, attention_mask)
+        inputs = yield from self._layer_states(hidden, mask, layers, prompts, adapter, chunk_tokens, True)
+        grad = grad_output.float()
+        local = range(self.num_blocks)[layers]
+        grad_prompts: list[torch.Tensor] = []
+        for n in reversed(range(len(local))):
+            with torch.enable_grad(), active_adapter(self.module, adapter):
+                layer_input = inputs[n].requires_grad_(True)
+                wanted = [layer_input]
+                if prompts is not None:
+                    wanted.append(prompts[n : n + 1].detach().float().requires_grad_(True))
+                layer_prompts = wanted[1] if prompts is not None else None
+                output = self.module(layer_input, mask, None, slice(local[n], local[n] + 1), layer_prompts)
+                grads = torch.autograd.grad(output, wanted, grad)
+            grad, inputs[n] = grads[0], None  # the layer's input is no longer needed
+            grad_prompts[:0] = grads[1:]
+            yield None
+        yield grad, torch.cat(grad_prompts) if prompts is not None else None
+
+    def _layer_states(
+        self,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        layers: slice,
+        prompts: torch.Tensor | None,
+        adapter: str | None,
+        chunk_tokens: int,
+        keep_inputs: bool,
+    ) -> Generator[None, None, list[torch.Tensor]]:
+        """The output of `layers`, after the input of each of them if `keep_inputs`, computed in chunks (one job
+        each)."""
+        mask = _mask(hidden, attention_mask)
+        batch, length, _ = hidden.shape
+        # unpadded, a whole layer is one job: attention takes the causal fast path, in memory linear in the length
+        chunk = max(1, chunk_tokens // batch) if not mask.all() else length
+        if prompts is not None:
+            chunk = max(chunk, prompts.shape[2])  # deep prompts go to the first positions: the first chunk holds them
+        states = [hidden.detach().float()]
+        for n, index in enumerate(range(self.num_blocks)[layers]):
+            cache = self.module.new_cache()  # this layer's keys and values only: freed before the next layer
+            layer_prompts = None if prompts is None else prompts[n : n + 1].float()
+            outputs = []
+            for begin in range(0, length, chunk):
+                end = min(begin + chunk, length)
+                with torch.no_grad(), active_adapter(self.module, adapter):
+                    outputs.append(
+                        self.module(
+                            states[-1][:, begin:end],
+                            mask[:, :end],
+                            cache,
+                            slice(index, index + 1),
+                            layer_prompts if begin == 0 else None,
+                        )
+                    )
+                yield None
+            output = torch.cat(outputs, dim=1)
+            states = [*states, output] if keep_inputs else [output]
+        return states
+
+
+def _mask(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    return torch.ones(hidden.shape[:2], dtype=torch.long) if attention_mask is None else attention_mask.long()
+
+
+def run_jobs(jobs: Iterator[T | None]) -> T:
+    """Run every job of `jobs` (as from Span.forward_jobs) here and now; the result."""
+    return next(result for result in jobs if result is not None)
 
 
 def quantize_linears(module: nn.Module, quant: str) -> None:
