@@ -241,11 +241,14 @@ class DistributedModelForCausalLM(nn.Module):
         drafter = PromptLookupDraft(lookup) if lookup is not None else AssistantDraft(assistant, processors, generator)
         self.last_speculation = SpeculativeStats()
         with self.inference_session(input_ids.shape[1] + max_new_tokens) as conversation:
-            return speculative_generate(
-                self.parts, conversation.blocks, input_ids, drafter, max_new_tokens=max_new_tokens,
-                processors=processors, eos_token_id=eos, generator=generator, streamer=streamer,
-                stats=self.last_speculation,
-            )  # fmt: skip
+            try:
+                return speculative_generate(
+                    self.parts, conversation.blocks, input_ids, drafter, max_new_tokens=max_new_tokens,
+                    processors=processors, eos_token_id=eos, generator=generator, streamer=streamer,
+                    stats=self.last_speculation,
+                )  # fmt: skip
+            finally:
+                self.last_speculation.failovers = getattr(conversation.blocks, "failovers", 0)
 
     def forward(
         self,

@@ -142,6 +142,7 @@ class SpeculativeStats:
     steps: int = 0  # steps through the blocks (each crosses every hop once)
     drafted: int = 0
     accepted: int = 0
+    failovers: int = 0  # servers replaced during the generation (a swarm session's count)
 
     @property
     def acceptance(self) -> float:

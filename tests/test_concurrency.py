@@ -22,22 +22,13 @@ from petal_client.swarm import Swarm
 from petald.local_swarm import local_swarm, wait_until
 from petald.p2p.dht import SwarmReadError, open_swarm_dht
 from petald.p2p.host import full_addrs, load_or_create_identity, open_host
-from tests.test_adapters import LLAMA_TARGETS, base_model, make_adapter
 
 FAST = ["--throughput", "100", "--heartbeat", "2", "--expiry", "6", "--port", "0"]
-SPANS = ("0:2", "2:4", "4:6")
 
 
 @pytest.fixture(scope="module")
-def swarm_with_adapter(tiny_llama, tmp_path_factory):
-    """A DHT node and 3 servers of the tiny Llama (blocks 0:2, 2:4, 4:6), each also serving the LoRA adapter
-    `lora`; yields (bootstrap multiaddr, adapter's peft model, servers)."""
-    tmp = tmp_path_factory.mktemp("concurrency")
-    adapter_dir, peft_model = make_adapter(base_model(tiny_llama), tmp / "lora", target_modules=LLAMA_TARGETS)
-    env = {**os.environ, "PETAL_HOME": str(tmp / "home")}
-    with local_swarm(tmp, env) as swarm:
-        bootstrap, servers = swarm.start_spans(str(tiny_llama), SPANS, *FAST, "--adapters", f"lora={adapter_dir}")
-        yield bootstrap.addr, peft_model, servers
+def swarm_with_adapter(tiny_swarm):
+    return tiny_swarm.addr, tiny_swarm.peft_model, tiny_swarm.servers
 
 
 def prompts(count: int) -> list[torch.Tensor]:

@@ -369,6 +369,29 @@ def test_repeated_step_id_is_bad_step(node, model_name):
     run_case(node, model_name, case)
 
 
+def test_a_rewind_drops_the_tail_of_the_cache_and_a_rewind_past_it_is_bad_position(node, model_name):
+    async def case(host, peer):
+        prefix, wrong, right = hidden_states(4, seed=21), hidden_states(3, seed=22), hidden_states(2, seed=23)
+        stream = await open_session(host, peer, model_name)
+        await step(stream, 1, prefix)
+        await step(stream, 2, wrong)  # 7 tokens cached; the last 3 are about to be dropped
+        await send(stream, Step(3, right, position=4))
+        reply = await receive(stream)
+        assert isinstance(reply, StepResult), reply
+        await send(stream, Step(4, hidden_states(1, seed=24), position=9))  # past the 6 tokens it now holds
+        await expect_error(stream, "bad_position")
+        await send(stream, Step(5, hidden_states(30, seed=25), position=6))  # 6 + 30 > max_length 32
+        await expect_error(stream, "too_long")
+        # the session went on as if the wrong tokens had never been sent: same output as a fresh session
+        fresh = await open_session(host, peer, model_name)
+        await step(fresh, 1, prefix)
+        torch.testing.assert_close(await step(fresh, 2, right), reply.hidden, rtol=0, atol=1e-5)
+        await close_session(fresh)
+        await close_session(stream)
+
+    run_case(node, model_name, case)
+
+
 def test_step_before_open_is_unexpected(node, model_name):
     async def case(host, peer):
         for message in (Step(0, hidden_states(2, seed=8)), CloseSession(), InfoRequest()):
