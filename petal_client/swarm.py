@@ -9,6 +9,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import logging
+import random
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -40,6 +41,8 @@ MISSING_REREADS = 3  # DHT re-reads (after 0.5, 1, 2 s) before blocks are declar
 BAN_SECONDS = 15.0
 RTT_SMOOTHING = 0.2  # weight of a new RTT sample in the moving average
 CANCEL_TIMEOUT = 5.0  # longest wait for a call cancelled by Ctrl-C to finish (closing its streams)
+PARALLEL_PINGS = 32  # pings of one refresh in flight at once
+MAX_NEW_PINGS = 64  # servers that never answered, pinged per refresh (a flood of fake entries costs this much)
 ANNOUNCED = {str(state) for state in (ServerState.JOINING, ServerState.ONLINE, ServerState.OFFLINE)}
 
 
@@ -344,8 +347,13 @@ class Swarm:
                 old = known.get(peer_id)
                 candidates[peer_id] = status if old is None else dataclasses.replace(status, rtt=old.rtt)
         statuses: dict[str, ServerStatus] = {}
+        limiter = trio.CapacityLimiter(PARALLEL_PINGS)
 
         async def ping(status: ServerStatus) -> None:
+            async with limiter:
+                await ping_one(status)
+
+        async def ping_one(status: ServerStatus) -> None:
             try:
                 started = trio.current_time()
                 info = await self.ping(status)
@@ -356,8 +364,15 @@ class Swarm:
                 log.debug("ping %s failed: %r", status.peer_id, e)
             statuses[status.peer_id] = dataclasses.replace(status, state=ServerState.UNREACHABLE)
 
+        # servers that answered before are always pinged; of the others (a DHT flood can list thousands of
+        # made-up ones), a random few per refresh: the rest wait, unusable, for a later refresh
+        known_good = [s for s in candidates.values() if s.rtt is not None]
+        untried = [s for s in candidates.values() if s.rtt is None]
+        chosen = random.sample(untried, min(len(untried), MAX_NEW_PINGS))
+        for status in untried:
+            statuses[status.peer_id] = dataclasses.replace(status, state=ServerState.UNREACHABLE)
         async with trio.open_nursery() as nursery:
-            for status in candidates.values():
+            for status in known_good + chosen:
                 nursery.start_soon(ping, status)
         view.servers = statuses
 

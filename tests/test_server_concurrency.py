@@ -18,6 +18,7 @@ from petald.config import NodeConfig
 from petald.local_swarm import NodeProcess, local_swarm
 from petald.p2p.host import connect, full_addrs, open_host
 from petald.p2p.wire import (
+    INFERENCE_PROTOCOL,
     BackwardRequest,
     BackwardResult,
     ForwardRequest,
@@ -28,7 +29,7 @@ from petald.p2p.wire import (
     Step,
     StepResult,
 )
-from petald.serving.handlers import INFERENCE_PROTOCOL, MAX_BACKWARD_TOKENS, ServingOptions, SpanServer
+from petald.serving.handlers import MAX_BACKWARD_TOKENS, ServingOptions, SpanServer
 from petald.serving.span import Span
 from tests.test_adapters import LLAMA_TARGETS, base_model, make_adapter
 from tests.test_protocol_abuse import expect_closed, expect_error, hidden_states, open_session, receive, send, step

@@ -195,3 +195,19 @@ def test_a_rewind_past_the_session_or_on_a_closed_session_is_a_clear_error(tiny_
         session.close()
         with pytest.raises(SessionBroken, match="was closed"):
             session.step(model.parts.embed(REPEATING[:, :1]), position=0)
+
+
+def test_petal_generate_with_prompt_lookup_or_a_draft_model_prints_the_plain_answer(tiny_llama, tiny_swarm):
+    import subprocess
+    import sys
+
+    def petal_generate(*options: str) -> str:
+        command = [sys.executable, "-m", "petal_client.generate_cli", "--model", str(tiny_llama)]
+        command += ["--initial-peers", tiny_swarm.addr, "--raw", "--max-new-tokens", "16", *options]
+        result = subprocess.run([*command, "one two three one two"], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    plain = petal_generate()
+    assert petal_generate("--prompt-lookup", "4") == plain
+    assert petal_generate("--draft-model", str(tiny_llama)) == plain

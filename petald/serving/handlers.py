@@ -19,6 +19,11 @@ from petald.config import NodeConfig
 from petald.errors import AdapterError
 from petald.p2p.dht import ServerState
 from petald.p2p.wire import (
+    BACKWARD_PROTOCOL,
+    FORWARD_PROTOCOL,
+    INFERENCE_PROTOCOL,
+    INFO_PROTOCOL,
+    PUSH_PROTOCOL,
     BackwardRequest,
     BackwardResult,
     CloseSession,
@@ -43,11 +48,6 @@ from petald.serving.span import Span, SpanSession
 
 log = logging.getLogger(__name__)
 
-INFERENCE_PROTOCOL = "/petal/inference/1.0.0"
-INFO_PROTOCOL = "/petal/info/1.0.0"
-PUSH_PROTOCOL = "/petal/push/1.0.0"
-FORWARD_PROTOCOL = "/petal/forward/1.0.0"
-BACKWARD_PROTOCOL = "/petal/backward/1.0.0"
 WRITE_TIMEOUT = 30.0
 PUSH_TIMEOUT = 5.0
 INBOX_SIZE = 16
