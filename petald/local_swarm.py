@@ -80,7 +80,7 @@ class NodeProcess:
         self.process.wait(10)
 
 
-def wait_until(predicate: Callable[[], T], timeout: float, interval: float = 0.2, what: str = "") -> T:
+def wait_until(predicate: Callable[[], T], timeout: float, what: str = "", interval: float = 0.2) -> T:
     """Poll `predicate` until it returns something true, and return that; AssertionError after `timeout` s."""
     deadline = time.monotonic() + timeout
     while True:

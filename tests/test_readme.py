@@ -13,20 +13,30 @@ import sys
 from pathlib import Path
 
 import pytest
+from openai import OpenAI
 
+from petal_client.api.process import ApiProcess
 from petald.local_swarm import NodeProcess, wait_until
 
 pytestmark = pytest.mark.real_model
 README = Path(__file__).resolve().parents[1] / "README.md"
-ENTRY_POINTS = {"petald": "petald.cli", "petal-generate": "petal_client.generate_cli"}
+ENTRY_POINTS = {
+    "petald": "petald.cli",
+    "petal-generate": "petal_client.generate_cli",
+    "petal-api": "petal_client.api.cli",
+}
+
+
+def readme_commands(section: str, block: int = 0) -> list[list[str]]:
+    """The commands of the `block`-th bash block of a README section, each as an argv (continuations joined)."""
+    text = README.read_text().split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
+    code = re.findall(r"```bash\n(.*?)```", text, re.S)[block]
+    lines = code.replace("\\\n", " ").splitlines()
+    return [shlex.split(line, comments=True) for line in lines if line.strip() and not line.startswith("#")]
 
 
 def private_swarm_commands() -> list[list[str]]:
-    """The commands of the README's "A private swarm" block, each as an argv (continuations joined)."""
-    text = README.read_text()
-    block = re.search(r"## A private swarm\n\n```bash\n(.*?)```", text, re.S).group(1)
-    lines = block.replace("\\\n", " ").splitlines()
-    return [shlex.split(line, comments=True) for line in lines if line.strip() and not line.startswith("#")]
+    return readme_commands("A private swarm")
 
 
 def free_port() -> int:
@@ -48,6 +58,8 @@ def on_this_machine(argv: list[str], first_addr: str | None, identity: Path) -> 
         out.append(arg)
     if out[:2] == ["petald", "start"]:
         out += ["--port", str(free_port())]  # two "machines" on one: not both on the default port
+    if out[0] == "petal-api":
+        out[out.index("--port") + 1] = "0"  # any free port (it prints the one it took)
     return [sys.executable, "-m", ENTRY_POINTS[out[0]], *out[1:]]
 
 
@@ -87,6 +99,19 @@ def test_the_private_swarm_commands_of_the_readme_work_as_written(smollm2, petal
         chat = run(commands[4], stdin="Name a colour.\n")
         assert chat.returncode == 0, chat.stderr
         assert chat.stdout.startswith("you> ") and len(chat.stdout.split()) > 3, chat.stdout
+
+        # the API section's petal-api line, pointed at this swarm
+        (api_command,) = readme_commands("OpenAI-compatible API and web chat", block=1)
+        argv = on_this_machine(api_command, addr, tmp_path / "unused.key")
+        with ApiProcess(argv[3:], tmp_path / "api.log", env) as api:
+            url = api.wait_url()
+            key = api_command[api_command.index("--api-key") + 1]
+            client = OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=120)
+            messages = [{"role": "user", "content": "What is the capital of France?"}]
+            reply = client.chat.completions.create(
+                model="smollm2-135m", messages=messages, temperature=0, max_tokens=16
+            )
+            assert "Paris" in reply.choices[0].message.content, reply
         for node in nodes:
             node.process.send_signal(signal.SIGTERM)
         for node in nodes:
