@@ -170,8 +170,8 @@ class ServedModel:
         eos = self.model.config.eos_token_id
         try:
             if self.draft is not None or self.prompt_lookup:
-                processors = sampling_processors(sampling.temperature, None, sampling.top_p)
-                processors = processors if sampling.temperature > 0 else None
+                greedy = sampling.temperature <= 0
+                processors = None if greedy else sampling_processors(sampling.temperature, None, sampling.top_p)
                 if self.draft is not None:
                     drafter = AssistantDraft(self.draft, processors, generator)
                 else:
