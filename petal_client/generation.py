@@ -18,12 +18,17 @@ from petald.errors import PetalError
 
 
 class BlockSession(Protocol):
-    """Runs hidden states through every block of the model, extending each block's cache."""
+    """Runs hidden states through every block of the model, extending each block's cache (with `position`: after
+    the first `position` cached tokens, the rest dropped first)."""
 
     max_length: int
 
     def step(
-        self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None, prompts: torch.Tensor | None = None
+        self,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        prompts: torch.Tensor | None = None,
+        position: int | None = None,
     ) -> torch.Tensor: ...
 
     def close(self) -> None: ...

@@ -16,28 +16,15 @@ every hop once, so accepted drafts are tokens that cost no crossing.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache
 from transformers.generation.logits_process import LogitsProcessorList
 
-from petal_client.generation import GenerationError
+from petal_client.generation import BlockSession, GenerationError
 
 MAX_DRAFT_TOKENS = 32
-
-
-class RewindableSession(Protocol):
-    max_length: int
-
-    def step(
-        self,
-        hidden: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        prompts: torch.Tensor | None = None,
-        position: int | None = None,
-    ) -> torch.Tensor: ...
 
 
 @dataclass
@@ -152,7 +139,7 @@ class SpeculativeStats:
 @torch.inference_mode()
 def speculative_generate(
     parts: nn.Module,
-    session: RewindableSession,
+    session: BlockSession,
     input_ids: torch.Tensor,
     drafter: AssistantDraft | PromptLookupDraft,
     *,

@@ -108,22 +108,37 @@ class NodeConfig:
 
 def load_config(config_file: Path | None, flags: dict[str, Any], environ: dict[str, str] | None = None) -> NodeConfig:
     """Defaults, overridden by the TOML file, then by PETALD_* variables, then by flags that were given."""
+    values = layered_values(NodeConfig, ENV_PREFIX, config_file, flags, environ, ConfigError)
+    fields = {f.name: f for f in dataclasses.fields(NodeConfig)}
+    return NodeConfig(**{name: _coerce(name, value, fields[name].type) for name, value in values.items()})
+
+
+def layered_values(
+    cls: type,
+    env_prefix: str,
+    config_file: Path | None,
+    flags: dict[str, Any],
+    environ: dict[str, str] | None,
+    error: type[Exception],
+) -> dict[str, Any]:
+    """The raw values of dataclass `cls`'s fields: from the TOML file, then `env_prefix`* variables, then the
+    flags that were given (not None); `error` for an unreadable file or an unknown key. Types are the caller's."""
     environ = os.environ if environ is None else environ
     values: dict[str, Any] = {}
     if config_file is not None:
         try:
             values.update(tomllib.loads(config_file.read_text()))
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-            raise ConfigError(f"cannot read config file {config_file}: {e}") from e
-    fields = {f.name: f for f in dataclasses.fields(NodeConfig)}
+            raise error(f"cannot read config file {config_file}: {e}") from e
+    fields = [f.name for f in dataclasses.fields(cls)]
     for name in fields:
-        if ENV_PREFIX + name.upper() in environ:
-            values[name] = environ[ENV_PREFIX + name.upper()]
+        if env_prefix + name.upper() in environ:
+            values[name] = environ[env_prefix + name.upper()]
     values.update({k: v for k, v in flags.items() if v is not None and k in fields})
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ConfigError(f"unknown configuration keys: {', '.join(unknown)}")
-    return NodeConfig(**{name: _coerce(name, value, fields[name].type) for name, value in values.items()})
+        raise error(f"unknown configuration keys: {', '.join(unknown)} (known: {', '.join(fields)})")
+    return values
 
 
 def _coerce(name: str, value: Any, annotation: str) -> Any:

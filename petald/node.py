@@ -180,11 +180,8 @@ async def _heartbeat(announcer: _Announcer, server: SpanServer, period: float) -
 
 async def _choose_blocks(config: NodeConfig, dht: SwarmDHT, model: str, total_blocks: int) -> tuple[int, int]:
     bounds = config.span_bounds()
-    if bounds is not None:
-        start, end = bounds
-        if not 0 <= start < end <= total_blocks:
-            raise SystemExit(f"petald: blocks {start}:{end} are outside {model}, which has blocks 0:{total_blocks}")
-        return start, end
+    if bounds is not None:  # checked against the model before the node started (check_model)
+        return bounds
     await trio.sleep(random.uniform(0, 1))  # servers joining together do not all read the same swarm state
     servers = await _live_servers(dht, model, total_blocks)
     if servers is None:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import os
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from petald.config import layered_values
 from petald.errors import PetalError
 
 ENV_PREFIX = "PETAL_API_"
@@ -53,21 +52,8 @@ class ApiConfig:
 def load_config(config_file: Path | None, flags: dict[str, Any], environ: dict[str, str] | None = None) -> ApiConfig:
     """Defaults, overridden by the TOML file, then by PETAL_API_* variables (lists space-separated), then by
     the flags that were given."""
-    environ = os.environ if environ is None else environ
-    values: dict[str, Any] = {}
-    if config_file is not None:
-        try:
-            values.update(tomllib.loads(config_file.read_text()))
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-            raise ApiConfigError(f"cannot read config file {config_file}: {e}") from e
+    values = layered_values(ApiConfig, ENV_PREFIX, config_file, flags, environ, ApiConfigError)
     fields = {f.name: f for f in dataclasses.fields(ApiConfig)}
-    for name in fields:
-        if ENV_PREFIX + name.upper() in environ:
-            values[name] = environ[ENV_PREFIX + name.upper()]
-    values.update({k: v for k, v in flags.items() if v is not None and k in fields})
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise ApiConfigError(f"unknown configuration keys: {', '.join(unknown)} (known: {', '.join(fields)})")
     config = ApiConfig(**{name: _coerce(name, value, fields[name].type) for name, value in values.items()})
     config.check()
     return config
