@@ -66,6 +66,7 @@ NODE_OPTIONS_HELP = {
     "max_batch_size": "largest batch a session may open",
     "max_forward_tokens": "largest batch x tokens of one forward or backward (training) request (backward: at most "
     "4096)",
+    "no_batching": "run each session's steps alone, not in forward passes shared with other sessions (for comparison)",
     "throughput": "announce this throughput (blocks x steps / s) instead of measuring it (measured once, cached)",
     "heartbeat": "seconds between re-announcements",
     "expiry": "seconds an announcement stays valid",
@@ -86,6 +87,7 @@ SERVING_ONLY = {
     "max_cache_tokens",
     "max_batch_size",
     "max_forward_tokens",
+    "no_batching",
     "throughput",
     "step_timeout",
     "session_timeout",

@@ -40,6 +40,7 @@ class NodeConfig:
     max_cache_tokens: int = 16384  # KV cache budget, in tokens (batch x length), for the whole span
     max_batch_size: int = 64
     max_forward_tokens: int = 16384  # batch x tokens of one forward or backward (training) request
+    no_batching: bool = False  # run each session's steps alone instead of in passes shared with other sessions
     throughput: float | None = None  # blocks x steps / s to announce; none = measure at start
     heartbeat: float = 30.0  # seconds between re-announcements
     expiry: float = 90.0  # seconds an announcement stays valid

@@ -12,6 +12,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.models.bloom.modeling_bloom import BloomBlock, build_alibi_tensor
 
 from petald.models.prompts import add_prompt
+from petald.serving.kv import StepCache
 
 MODEL_TYPES = ("bloom",)
 
@@ -43,22 +44,27 @@ class BloomSpan(nn.Module):
         self,
         hidden: torch.Tensor,
         attention_mask: torch.Tensor,
-        cache: DynamicCache | None = None,
+        cache: DynamicCache | StepCache | None = None,
         layers: slice = slice(None),
         prompts: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run `layers` of the span on `hidden` [B, T, H]; `attention_mask` [B, past + T] covers cached tokens too.
 
-        `prompts` [layers, B or 1, P, H] (deep prompt tuning) is added to the first P positions before each layer."""
-        first = range(len(self.h))[layers][0]
-        alibi = build_alibi_tensor(attention_mask, self.config.n_head, dtype=hidden.dtype)
-        mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=hidden,
-            attention_mask=attention_mask,
-            past_key_values=cache,
-            layer_idx=first,
-        )
+        `prompts` [layers, B or 1, P, H] (deep prompt tuning) is added to the first P positions before each layer.
+        A StepCache (the rows of several sessions) brings its own mask: `attention_mask` is ignored."""
+        if isinstance(cache, StepCache):
+            alibi = build_alibi_tensor(cache.key_mask, self.config.n_head, dtype=hidden.dtype)
+            mask = cache.attention_bias(hidden.dtype)
+        else:
+            first = range(len(self.h))[layers][0]
+            alibi = build_alibi_tensor(attention_mask, self.config.n_head, dtype=hidden.dtype)
+            mask = create_causal_mask(
+                config=self.config,
+                inputs_embeds=hidden,
+                attention_mask=attention_mask,
+                past_key_values=cache,
+                layer_idx=first,
+            )
         for index, block in enumerate(self.h[layers]):
             hidden = add_prompt(hidden, prompts, index)
             hidden = block(hidden, alibi, mask, layer_past=cache, use_cache=cache is not None)[0]

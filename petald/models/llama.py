@@ -12,6 +12,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
 from petald.models.prompts import add_prompt
+from petald.serving.kv import StepCache
 
 MODEL_TYPES = ("llama", "mistral")
 
@@ -59,25 +60,30 @@ class LlamaSpan(nn.Module):
         self,
         hidden: torch.Tensor,
         attention_mask: torch.Tensor,
-        cache: DynamicCache | None = None,
+        cache: DynamicCache | StepCache | None = None,
         layers: slice = slice(None),
         prompts: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run `layers` of the span on `hidden` [B, T, H]; `attention_mask` [B, past + T] covers cached tokens too.
 
         `prompts` [layers, B or 1, P, H] (deep prompt tuning) is added to the first P positions before each layer.
-        The cache is indexed by local layer number, so a sub-range sizes its mask by its own first layer."""
-        length = hidden.shape[1]
-        first = range(len(self.layers))[layers][0]
-        position_ids = positions_from_mask(attention_mask)[:, -length:]
-        mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=hidden,
-            attention_mask=attention_mask,
-            past_key_values=cache,
-            position_ids=position_ids,
-            layer_idx=first,
-        )
+        The cache is indexed by local layer number, so a sub-range sizes its mask by its own first layer. A
+        StepCache (the rows of several sessions) brings its own mask and positions: `attention_mask` is ignored."""
+        if isinstance(cache, StepCache):
+            position_ids = cache.position_ids()
+            mask = cache.attention_bias(hidden.dtype)
+        else:
+            length = hidden.shape[1]
+            first = range(len(self.layers))[layers][0]
+            position_ids = positions_from_mask(attention_mask)[:, -length:]
+            mask = create_causal_mask(
+                config=self.config,
+                inputs_embeds=hidden,
+                attention_mask=attention_mask,
+                past_key_values=cache,
+                position_ids=position_ids,
+                layer_idx=first,
+            )
         position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)
         for index, layer in enumerate(self.layers[layers]):
             hidden = add_prompt(hidden, prompts, index)

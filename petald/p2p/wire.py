@@ -559,9 +559,18 @@ class ServerInfo(Message):
     quant: str
     version: str
     adapters: list[str] = field(default_factory=list)
+    # load, for routing at every step (0 from servers that do not report it)
+    sessions: int = 0  # open inference sessions
+    active_rows: int = 0  # rows of the sessions that stepped in the last seconds
+    queued_steps: int = 0  # steps waiting for the compute lane now
+    passes: int = 0  # forward passes run for inference steps since start
+    batched_passes: int = 0  # ... of which carried the steps of several sessions
 
     @classmethod
     def from_wire(cls, msg, limits):
+        def count(key: str) -> int:
+            return _int(msg, key, 0, 1 << 62) if key in msg else 0
+
         return cls(
             model=_str(msg, "model"),
             start=_int(msg, "start", 0, 1 << 20),
@@ -572,6 +581,11 @@ class ServerInfo(Message):
             quant=_choice(msg, "quant", QUANTS),
             version=_str(msg, "version", 64),
             adapters=_str_list(msg, "adapters"),
+            sessions=count("sessions"),
+            active_rows=count("active_rows"),
+            queued_steps=count("queued_steps"),
+            passes=count("passes"),
+            batched_passes=count("batched_passes"),
         )
 
 

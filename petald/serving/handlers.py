@@ -43,8 +43,9 @@ from petald.p2p.wire import (
     read_message,
     write_message,
 )
+from petald.serving.batching import StepQueue
 from petald.serving.cache import CacheBudget, CacheFullError
-from petald.serving.span import Span, SpanSession
+from petald.serving.span import SessionStep, Span, SpanSession
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ class ServingOptions:
     session_timeout: float  # longest life of one session
     max_tensor_bytes: int = MAX_TENSOR_BYTES
     version: str = ""
+    batching: bool = True  # run the steps of concurrent sessions in shared forward passes
 
     @classmethod
     def from_config(cls, config: NodeConfig, model: str) -> ServingOptions:
@@ -81,6 +83,7 @@ class ServingOptions:
             step_timeout=config.step_timeout,
             session_timeout=config.session_timeout,
             version=petald.__version__,
+            batching=not config.no_batching,
         )
 
     def wire_limits(self) -> Limits:
@@ -181,6 +184,8 @@ class SpanServer:
         self.options = options
         self.budget = CacheBudget(options.max_cache_tokens)
         self.compute = trio.CapacityLimiter(1)  # one torch job at a time: the CPU/GPU is not oversubscribed
+        # inference steps wait here for the compute lane; those queued together share forward passes
+        self.steps = StepQueue(self.compute, options.max_batch_size, options.max_forward_tokens, options.batching)
         self._state = ServerState.ONLINE
         self.throughput = 0.0
         self.sessions_done = trio.Event()
@@ -254,6 +259,11 @@ class SpanServer:
             quant=self.span.quant,
             version=self.options.version,
             adapters=list(self.span.adapters),
+            sessions=self.budget.sessions,
+            active_rows=self.steps.active_rows(),
+            queued_steps=self.steps.waiting,
+            passes=self.steps.stats.passes,
+            batched_passes=self.steps.stats.batched_passes,
         )
 
     async def handle_info(self, stream) -> None:
@@ -356,15 +366,10 @@ class SpanServer:
             except ProtocolError as e:
                 await _send_error(session, e.code, str(e))
                 continue
-            hidden = await trio.to_thread.run_sync(
-                self.span.step,
-                session.span_session,
-                message.hidden,
-                message.attention_mask,
-                message.prompts,
-                message.position,
-                limiter=self.compute,
+            step = SessionStep(
+                session.span_session, message.hidden, message.attention_mask, message.prompts, message.position
             )
+            hidden = await self.steps.run(self.span, step)
             session.last_step = message.step
             output = hidden.to(message.hidden.dtype)
             pushed = bool(message.push_to) and await self._push(message, output)

@@ -11,7 +11,6 @@ from typing import TypeVar
 import torch
 from torch import nn
 from transformers import PretrainedConfig
-from transformers.cache_utils import DynamicCache
 
 from petald.errors import PetalError, SpanError
 from petald.models.loading import load_span_module
@@ -23,6 +22,7 @@ from petald.serving.adapters import (
     load_lora_adapter,
     served_adapters,
 )
+from petald.serving.kv import SessionCache, StepCache, StepRows
 
 CHUNK_TOKENS = 1024  # batch x tokens of one job of a long forward pass: bounds its attention memory and its time
 T = TypeVar("T")
@@ -32,7 +32,7 @@ T = TypeVar("T")
 class SpanSession:
     """The server-side state of one inference session: the KV cache and the padding mask seen so far."""
 
-    cache: DynamicCache
+    cache: SessionCache
     attention_mask: torch.Tensor  # [batch, tokens seen], 1 = real token, 0 = padding
     max_length: int
     layers: slice  # the local layers this session runs: blocks [start, end) of the model
@@ -51,9 +51,26 @@ class SpanSession:
         """Keep only the first `position` tokens of the cache (e.g. drop rejected draft tokens)."""
         if not 0 <= position <= self.length:
             raise SpanError(f"cannot rewind to position {position}: the session holds {self.length} tokens")
-        if position < self.length:
-            self.cache.crop(position - self.length)  # transformers takes the (negative) count of tokens to drop
-            self.attention_mask = self.attention_mask[:, :position]
+        self.cache.crop(position)
+        self.attention_mask = self.attention_mask[:, :position]
+
+
+@dataclass(frozen=True)
+class SessionStep:
+    """One step of one session, as the server received it: new tokens' hidden states [B, T, H], their padding mask
+    [B, T] (None: no padding), deep prompts (first step only) and the position it builds on (None: all cached)."""
+
+    session: SpanSession
+    hidden: torch.Tensor
+    attention_mask: torch.Tensor | None = None
+    prompts: torch.Tensor | None = None
+    position: int | None = None
+
+    @property
+    def batch_key(self) -> tuple:
+        """Steps with the same key can run as one forward pass: same layers, adapter and number of new tokens."""
+        layers = self.session.layers
+        return (layers.start, layers.stop, self.session.adapter, self.hidden.shape[1])
 
 
 class Span:
@@ -117,7 +134,8 @@ class Span:
             raise SpanError(f"blocks {start}:{end} are not inside this span, {self.start}:{self.end}")
         layers = slice(start - self.start, end - self.start)
         mask = torch.ones(batch_size, 0, dtype=torch.long)
-        return SpanSession(self.module.new_cache(), mask, max_length, layers, (self.start, self.end), adapter)
+        cache = SessionCache(end - start, layers.start, max_length)
+        return SpanSession(cache, mask, max_length, layers, (self.start, self.end), adapter)
 
     def step(
         self,
@@ -132,23 +150,54 @@ class Span:
         `attention_mask` [B, T] marks padding among the new tokens (default: none). `prompts` [session's
         blocks, B or 1, P, H] are deep prompts for the first P positions: only with a session's first step.
         With `position`, the new tokens follow the first `position` cached ones (the rest is dropped first)."""
-        if position is not None:
-            session.rewind(position)
-        if prompts is not None and session.length != 0:
-            raise SpanError("deep prompts go only with a session's first step")
+        return self.step_batch([SessionStep(session, hidden, attention_mask, prompts, position)])[0]
+
+    def step_batch(self, steps: list[SessionStep]) -> list[torch.Tensor]:
+        """Run the steps of several sessions as one forward pass; each session's output, in order.
+
+        The steps must share a batch key (layers, adapter, new tokens); deep prompts go only in a batch of one.
+        Each session's cache grows by its own new tokens; a step that fails its checks fails the whole call before
+        anything runs, and a failure mid-pass leaves every cache as it was (a retry rewrites the same positions)."""
+        if len({step.batch_key for step in steps}) != 1:
+            raise SpanError("steps of one batch must run the same layers with the same adapter and new tokens")
+        if len(steps) > 1 and any(step.prompts is not None for step in steps):
+            raise SpanError("a step with deep prompts runs alone")
+        for step in steps:
+            self._check_step(step)
+        for step in steps:
+            if step.position is not None:
+                step.session.rewind(step.position)
+        masks = [torch.cat([step.session.attention_mask, _mask(step.hidden, step.attention_mask)], 1) for step in steps]
+        parts = [StepRows(step.session.cache, mask) for step, mask in zip(steps, masks, strict=True)]
+        cache = StepCache(parts, steps[0].hidden.shape[1])
+        first = steps[0].session
+        hidden = torch.cat([step.hidden.float() for step in steps])
+        with torch.inference_mode(), active_adapter(self.module, first.adapter):
+            output = self.module(hidden, None, cache, first.layers, steps[0].prompts)
+        cache.commit()
+        outputs = []
+        for step, mask, part in zip(steps, masks, output.split(cache.rows), strict=True):
+            step.session.attention_mask = mask
+            outputs.append(part)
+        return outputs
+
+    def _check_step(self, step: SessionStep) -> None:
+        session = step.session
         if session.span_blocks != (self.start, self.end):
             raise SpanError(
                 f"this session was opened on blocks {session.span_blocks[0]}:{session.span_blocks[1]}, "
                 f"and this server now serves {self.start}:{self.end}: open a new session"
             )
-        batch, length, _ = hidden.shape
-        if attention_mask is None:
-            attention_mask = torch.ones(batch, length, dtype=torch.long)
-        full_mask = torch.cat([session.attention_mask, attention_mask.long()], dim=1)
-        with torch.inference_mode(), active_adapter(self.module, session.adapter):
-            output = self.module(hidden.float(), full_mask, session.cache, session.layers, prompts)
-        session.attention_mask = full_mask
-        return output
+        past = session.length if step.position is None else step.position
+        if not 0 <= past <= session.length:
+            raise SpanError(f"cannot rewind to position {past}: the session holds {session.length} tokens")
+        if step.prompts is not None and past != 0:
+            raise SpanError("deep prompts go only with a session's first step")
+        if step.hidden.shape[0] != session.batch_size:
+            raise SpanError(f"the session has batch size {session.batch_size}, the step {step.hidden.shape[0]}")
+        if past + step.hidden.shape[1] > session.max_length:
+            length = past + step.hidden.shape[1]
+            raise SpanError(f"this step would make the session {length} tokens long, over its max_length")
 
     def forward(
         self,
