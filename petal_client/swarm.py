@@ -36,7 +36,8 @@ START_TIMEOUT = 60.0
 CONNECT_TIMEOUT = 10.0
 REFRESH_PERIOD = 5.0  # seconds between background pings of the servers of a model in use
 DHT_READ_PERIOD = 30.0  # seconds between background DHT reads for it (new servers; a read costs far more than pings)
-PING_TIMEOUT = 3.0
+PING_TIMEOUT = 3.0  # a server already answered: a ping over its open connection
+FIRST_PING_TIMEOUT = 10.0  # a server never answered yet: the ping also dials it (TCP, Noise, Yamux)
 MISSING_REREADS = 3  # DHT re-reads (after 0.5, 1, 2 s) before blocks are declared served by no one
 BAN_SECONDS = 15.0
 RTT_SMOOTHING = 0.2  # weight of a new RTT sample in the moving average
@@ -436,6 +437,12 @@ class Swarm:
                     raise MissingBlocksError(
                         f"{e}: every server of those blocks failed recently and is avoided for a while; try again"
                     ) from e
+                announced = [s.span() for s in view.servers.values() if s.serves(adapter)]
+                if announced and not missing_blocks(announced, 0, num_blocks):
+                    raise SwarmError(
+                        f"{e}: the servers announced for those blocks did not answer pings (down, or too busy to "
+                        f"answer within {FIRST_PING_TIMEOUT:.0f} s); try again"
+                    ) from e
                 raise
         raise AssertionError("unreachable")
 
@@ -444,7 +451,8 @@ class Swarm:
         # libp2p refuses to dial a peer for 60 s after a failed dial; pings are our own bounded retries, so that
         # a server that restarted is routed through again within one refresh
         self.host.get_network().unblock_peer(ID.from_base58(server.peer_id))
-        with trio.fail_after(PING_TIMEOUT):
+        answered_before = getattr(server, "rtt", None) is not None
+        with trio.fail_after(PING_TIMEOUT if answered_before else FIRST_PING_TIMEOUT):
             stream = await self.open_stream(server, INFO_PROTOCOL)
             try:
                 await write_message(stream, InfoRequest())

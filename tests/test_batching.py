@@ -8,8 +8,13 @@ import pytest
 import torch
 import trio
 
+from petald.p2p.wire import CloseSession, OpenSession, SessionOpened, Step, StepResult
 from petald.serving.batching import MAX_BATCHED_STEP_TOKENS, StepQueue, StepShape, choose_batch
+from petald.serving.handlers import ServingOptions, SpanServer
 from petald.serving.span import SessionStep, Span
+from tests.test_adapters import LLAMA_TARGETS, base_model, make_adapter, peft_blocks
+from tests.test_protocol_abuse import expect_closed, new_stream, receive, send
+from tests.test_server_concurrency import serving_in_process
 
 PROMPT_LENGTHS = (3, 9, 1, 14, 6, 2, 11, 5)
 
@@ -94,7 +99,8 @@ def test_the_queue_batches_concurrent_sessions_and_each_gets_its_solo_output(tin
         span.step(session, hidden, mask)
         expected.append([span.step(session, token) for token in inputs[n]])
 
-    queue = StepQueue(trio.CapacityLimiter(1), max_rows=64, max_tokens=4096)
+    compute = trio.CapacityLimiter(1)
+    queue = StepQueue(compute, max_rows=64, max_tokens=4096)
     got: dict[int, list[torch.Tensor]] = {}
     gone = span.new_session(1, 64)  # a session whose client vanishes while its step waits
 
@@ -104,22 +110,26 @@ def test_the_queue_batches_concurrent_sessions_and_each_gets_its_solo_output(tin
         await queue.run(span, SessionStep(session, hidden, mask))
         got[n] = [await queue.run(span, SessionStep(session, token)) for token in inputs[n]]
 
-    async def vanishing(nursery: trio.Nursery) -> None:
-        """Cancelled while its step waits behind the others': it never runs, and the others are unaffected."""
-        with trio.CancelScope() as scope:
-            nursery.start_soon(cancel_once_queued, scope)
+    async def vanishing(scope: trio.CancelScope) -> None:
+        with scope:
             await queue.run(span, SessionStep(gone, torch.randn(1, 17, span.hidden_size)))
 
-    async def cancel_once_queued(scope: trio.CancelScope) -> None:
-        while not any(queued.step.session is gone for queued in queue._queue):  # it waits for the lane
-            await trio.sleep(0.001)
-        scope.cancel()
+    async def queued(count: int) -> None:
+        with trio.fail_after(30):
+            while queue.waiting != count:
+                await trio.sleep(0.001)
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
+            await compute.acquire()  # as if a pass were running: every first step queues behind it
             for n in range(len(PROMPT_LENGTHS)):
                 nursery.start_soon(client, n)
-            nursery.start_soon(vanishing, nursery)
+            scope = trio.CancelScope()
+            nursery.start_soon(vanishing, scope)
+            await queued(len(PROMPT_LENGTHS) + 1)
+            scope.cancel()  # its client vanishes while its step waits: it never runs, the others are unaffected
+            await queued(len(PROMPT_LENGTHS))
+            compute.release()
 
     trio.run(main)
     for n in range(len(PROMPT_LENGTHS)):
@@ -172,3 +182,98 @@ def test_a_failing_step_in_a_batch_fails_only_its_own_session(tiny_llama):
     trio.run(main)
     assert isinstance(results["good"], torch.Tensor) and good.length == 4
     assert isinstance(results["bad"], Exception) and "max_length" in str(results["bad"]) and bad.length == 2
+
+
+# ---------------------------------------------------------------- a server, over libp2p streams
+
+
+def serving_options(model: str) -> ServingOptions:
+    return ServingOptions(
+        model=model,
+        max_cache_tokens=4096,
+        max_batch_size=64,
+        max_forward_tokens=4096,
+        step_timeout=30,
+        session_timeout=120,
+    )
+
+
+def test_eight_sessions_through_one_server_share_passes_and_get_their_solo_hidden_states(tiny_llama):
+    span = Span.load(tiny_llama, 0, 6)
+    server = SpanServer(span, serving_options("tiny"))
+    steps = 6
+    inputs = decode_inputs(span, steps)
+    solo = []
+    for n, (hidden, mask) in enumerate(prompts(span)):
+        session = span.new_session(1, 64)
+        solo.append([span.step(session, hidden, mask), *(span.step(session, token) for token in inputs[n])])
+    got: dict[int, list[torch.Tensor]] = {}
+
+    async def client(host, peer, n: int) -> None:
+        stream = await new_stream(host, peer)
+        await send(stream, OpenSession("tiny", 0, 6, 1, 64, f"session-{n}"))
+        assert isinstance(await receive(stream), SessionOpened)
+        hidden, mask = prompts(span)[n]
+        outputs = []
+        for index, new in enumerate([hidden, *inputs[n]]):
+            await send(stream, Step(index, new, mask if index == 0 else None))
+            reply = await receive(stream)
+            assert isinstance(reply, StepResult), reply
+            outputs.append(reply.hidden)
+        got[n] = outputs
+        await send(stream, CloseSession())
+        await expect_closed(stream)
+
+    async def main() -> None:
+        async with serving_in_process(server) as (host, peer):
+            async with trio.open_nursery() as nursery:
+                for n in range(len(PROMPT_LENGTHS)):
+                    nursery.start_soon(client, host, peer, n)
+
+    trio.run(main)
+    for n in range(len(PROMPT_LENGTHS)):
+        for want, have in zip(solo[n], got[n], strict=True):
+            torch.testing.assert_close(have, want, rtol=1e-4, atol=1e-4)
+    assert server.steps.stats.batched_passes > 0 and server.steps.stats.passes < server.steps.stats.steps
+    assert server.budget.sessions == 0 and server.budget.tokens_left == 4096  # every cache freed
+
+
+def test_two_adapters_and_the_base_model_in_one_batch_window_each_equal_peft(tiny_llama, tmp_path):
+    first_dir, first = make_adapter(base_model(tiny_llama), tmp_path / "first", seed=1, target_modules=LLAMA_TARGETS)
+    second_dir, second = make_adapter(base_model(tiny_llama), tmp_path / "second", seed=2, target_modules=LLAMA_TARGETS)
+    span = Span.load(tiny_llama, 0, 6, adapters={"first": first_dir, "second": second_dir})
+    generator = torch.Generator().manual_seed(4)
+    sequence = torch.randn(1, 9, span.hidden_size, generator=generator)
+    with torch.no_grad():
+        expected = {
+            None: base_blocks(first, sequence),
+            "first": peft_blocks(first, sequence, 0, 6),
+            "second": peft_blocks(second, sequence, 0, 6),
+        }
+    assert not torch.allclose(expected["first"], expected["second"], atol=1e-3)  # the adapters really differ
+    queue = StepQueue(trio.CapacityLimiter(1), 64, 4096)
+    got: dict[tuple, torch.Tensor] = {}
+
+    async def session(adapter: str | None, copy: int) -> None:
+        state = span.new_session(1, 16, adapter=adapter)
+        outputs = [await queue.run(span, SessionStep(state, sequence[:, :5]))]
+        for position in range(5, 9):  # decode steps: these share passes with the same adapter's
+            outputs.append(await queue.run(span, SessionStep(state, sequence[:, position : position + 1])))
+        got[adapter, copy] = torch.cat(outputs, dim=1)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            for adapter in (None, "first", "second"):
+                for copy in range(2):
+                    nursery.start_soon(session, adapter, copy)
+
+    trio.run(main)
+    for (adapter, _), output in got.items():
+        torch.testing.assert_close(output, expected[adapter], rtol=1e-4, atol=1e-4)
+    assert queue.stats.batched_passes > 0
+
+
+def base_blocks(peft_model, hidden: torch.Tensor) -> torch.Tensor:
+    """Blocks 0:6 of the base model under `peft_model` (its adapter disabled) on `hidden`."""
+    with peft_model.disable_adapter():
+        return peft_blocks(peft_model, hidden, 0, 6)

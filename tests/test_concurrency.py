@@ -76,6 +76,13 @@ def test_eight_clients_at_once_get_exactly_their_solo_answers(tiny_llama, swarm_
     for index, (got, expected) in enumerate(zip(results, solo, strict=True)):
         assert isinstance(got, torch.Tensor), f"client {index}: {got!r}"
         assert torch.equal(got, expected), f"client {index} (adapter {adapters[index]})"
+    # the servers ran concurrent sessions' steps in shared passes: their counters say so
+    with DistributedModelForCausalLM.from_pretrained(str(tiny_llama), [addr]) as model:
+        swarm = model.blocks.swarm
+        view = swarm.run(swarm.watch, model.blocks.model, model.blocks.num_blocks)
+        infos = [swarm.run(swarm.ping, status) for status in view.servers.values()]
+    assert len(infos) >= 3 and all(info.passes > 0 for info in infos)
+    assert sum(info.batched_passes for info in infos) > 0, infos
 
 
 def test_sessions_of_one_model_object_in_many_threads_are_independent(tiny_llama, swarm_with_adapter):
