@@ -15,6 +15,9 @@ from petald.errors import PetalError
 
 DEFAULT_RTT = 0.05  # seconds, for a server we have not pinged yet
 NO_CACHE_PENALTY = 10.0  # seconds: a server without cache room is a last resort
+MAX_BUSY = 0.9  # a server busier than this is costed as this busy (its figure is an average over seconds)
+MOVE_MIN_GAIN = 0.25  # a hop moves only to a server at least this much faster per step (no flapping on noise)
+REPLAY_TOKENS_PER_STEP = 16  # replaying a hop's history to a new server costs a step per this many tokens
 
 
 class MissingBlocksError(PetalError):
@@ -31,6 +34,7 @@ class ServerSpan:
     throughput: float  # blocks x steps per second: k blocks take k / throughput seconds
     cache_tokens_left: int = 1 << 62
     rtt: float | None = None  # seconds; None = not measured
+    busy: float = 0.0  # fraction of recent time its compute lane was running (its load)
 
 
 @dataclass(frozen=True)
@@ -71,9 +75,12 @@ def _check_coverage(servers: list[ServerSpan], start: int, end: int, model: str)
 
 
 def hop_cost(server: ServerSpan, blocks: int, cache_tokens_needed: int) -> float:
-    """Seconds this server adds to one step for `blocks` blocks: half a round trip plus compute."""
+    """Seconds this server adds to one step for `blocks` blocks: half a round trip plus compute, the compute
+    stretched by the server's load: a step that finds the lane busy a fraction b of the time waits, on average,
+    as a queue with that utilisation does (1 / (1 - b))."""
     rtt = DEFAULT_RTT if server.rtt is None else server.rtt
-    cost = rtt / 2 + blocks / max(server.throughput, 1e-9)
+    compute = blocks / max(server.throughput, 1e-9)
+    cost = rtt / 2 + compute / (1 - min(max(server.busy, 0.0), MAX_BUSY))
     if server.cache_tokens_left < cache_tokens_needed:
         cost += NO_CACHE_PENALTY
     return cost
@@ -114,6 +121,38 @@ def min_latency_route(
         route.append(hop)
         block = hop.start
     return route[::-1]
+
+
+def better_server(
+    current: ServerSpan,
+    servers: Iterable[ServerSpan],
+    hop: Hop,
+    *,
+    tokens: int,
+    remaining_steps: int,
+    cache_tokens_needed: int = 0,
+) -> ServerSpan | None:
+    """Where to move `hop` of a running session at a step boundary, or None to stay.
+
+    The candidate is the cheapest other server holding all of the hop's blocks. It wins only if its cost per step
+    is at most (1 - MOVE_MIN_GAIN) of the current server's (hysteresis: loads measured over seconds do not make
+    routes flap), and what it saves over the `remaining_steps` exceeds replaying the hop's `tokens` tokens of
+    history to it (one step, plus a step per REPLAY_TOKENS_PER_STEP tokens)."""
+    blocks = hop.end - hop.start
+    others = [
+        s
+        for s in servers
+        if s.peer_id != current.peer_id and s.start <= hop.start and hop.end <= s.end and s.throughput > 0
+    ]
+    if not others:
+        return None
+    best = min(others, key=lambda s: (hop_cost(s, blocks, cache_tokens_needed), s.peer_id))
+    staying = hop_cost(current, blocks, 0)  # it holds the session's cache already
+    moving = hop_cost(best, blocks, cache_tokens_needed)
+    if moving > (1 - MOVE_MIN_GAIN) * staying:
+        return None
+    replay = moving * (1 + tokens / REPLAY_TOKENS_PER_STEP)
+    return best if (staying - moving) * remaining_steps > replay else None
 
 
 def throughput_weighted_route(

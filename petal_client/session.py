@@ -10,8 +10,19 @@ import uuid
 import torch
 import trio
 
-from petal_client.routing import Hop, min_latency_route
-from petal_client.swarm import TRANSPORT_ERRORS, FailureCount, ServerFailure, ServerStatus, Swarm, describe, served_name
+from petal_client.routing import Hop, better_server, min_latency_route
+from petal_client.swarm import (
+    REFRESH_PERIOD,
+    TRANSPORT_ERRORS,
+    FailureCount,
+    ServerFailure,
+    ServerStatus,
+    Swarm,
+    SwarmView,
+    describe,
+    served_name,
+    usable_servers,
+)
 from petald.errors import PetalError
 from petald.p2p.wire import (
     INFERENCE_PROTOCOL,
@@ -30,6 +41,7 @@ from petald.p2p.wire import (
 log = logging.getLogger(__name__)
 STEP_TIMEOUT = 120.0
 MAX_FAILOVERS = 8
+MOVE_COOLDOWN = 2 * REFRESH_PERIOD  # seconds after a move before the hops are weighed again (fresh loads first)
 
 
 class SessionBroken(PetalError):
@@ -131,6 +143,8 @@ class RemoteInferenceSession:
         self.failures = FailureCount(swarm.banned, MAX_FAILOVERS)
         self.broken: str | None = None  # why the session cannot go on, once it cannot
         self.length = 0  # tokens in the servers' caches of this session (and in the history of every hop)
+        self.moves = 0  # hops moved to a less loaded server at a step boundary
+        self._weigh_after = 0.0  # trio time before which hops are not weighed for a move again
 
     @property
     def failovers(self) -> int:
@@ -205,6 +219,8 @@ class RemoteInferenceSession:
         view = await self.swarm.watch(self.model, self.num_blocks)
         if not self.route:
             self.route = await self._open_route(self.start, self.end)
+        elif self.length and trio.current_time() >= self._weigh_after:
+            await self._move_to_better_servers(view, replay_id=2 * (self.steps + 1))
         # ids are odd for steps, even for replays, so a replay fits before the step that needs it
         self.steps += 1
         step_id = 2 * self.steps + 1
@@ -252,6 +268,58 @@ class RemoteInferenceSession:
                     await session.close()
                 self.failures.record(again)
         self.route[position : position + 1] = replacement
+
+    async def _move_to_better_servers(self, view: SwarmView, replay_id: int) -> None:
+        """At a step boundary (nothing sent yet): move each hop whose server is clearly slower now than another
+        holding the same blocks (routing.better_server), replaying the hop's history there; the old server's
+        session is closed. A move that fails leaves the hop where it was."""
+        usable = usable_servers(view, self.swarm.banned, self.adapter)
+        candidates = [status.span() for status in usable.values()]
+        for position, session in enumerate(self.route):
+            current = usable.get(session.hop.peer_id)
+            if current is None or not _still_serves(current, session.hop):
+                continue  # not a move: the step's own checks replace it
+            target = better_server(
+                current.span(),
+                candidates,
+                session.hop,
+                tokens=self.length,
+                remaining_steps=self.max_length - self.length,
+                cache_tokens_needed=self.batch_size * self.max_length,
+            )
+            if target is None:
+                continue
+            request = OpenSession(
+                self.model,
+                *(session.hop.start, session.hop.end),
+                self.batch_size,
+                self.max_length,
+                self.session_id,
+                self.adapter,
+            )
+            moved = None
+            try:
+                hop = Hop(target.peer_id, session.hop.start, session.hop.end)
+                moved = await RemoteSpanSession.open(self.swarm, usable[target.peer_id], hop, request)
+                await self._replay([moved], replay_id)
+            except ServerFailure as failure:
+                log.info("moving blocks %d:%d failed, staying: %s", session.hop.start, session.hop.end, failure)
+                if moved is not None:
+                    await moved.close()
+                continue
+            log.info(
+                "blocks %d:%d moved from %s (busy %.0f%%) to %s (busy %.0f%%)",
+                session.hop.start,
+                session.hop.end,
+                current.peer_id[-8:],
+                100 * current.busy,
+                target.peer_id[-8:],
+                100 * target.busy,
+            )
+            await session.close()
+            self.route[position] = moved
+            self.moves += 1
+            self._weigh_after = trio.current_time() + MOVE_COOLDOWN
 
     async def _replay(self, replacement: list[RemoteSpanSession], replay_id: int) -> None:
         """Send every past input of the replaced blocks through `replacement` as one prefill."""

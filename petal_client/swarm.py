@@ -112,6 +112,7 @@ class ServerStatus:
     state: ServerState  # as the server answered; UNREACHABLE when it did not answer the last ping
     cache_tokens_left: int
     rtt: float | None = None
+    busy: float = 0.0  # fraction of recent time its compute lane ran, as it answered the last ping
 
     @classmethod
     def announced(cls, entry: ServerEntry) -> ServerStatus:
@@ -140,6 +141,7 @@ class ServerStatus:
             state=state,
             cache_tokens_left=info.cache_tokens_left,
             rtt=smoothed,
+            busy=info.busy,
         )
 
     @property
@@ -151,7 +153,9 @@ class ServerStatus:
         return adapter is None or adapter in self.adapters
 
     def span(self) -> ServerSpan:
-        return ServerSpan(self.peer_id, self.start, self.end, self.throughput, self.cache_tokens_left, self.rtt)
+        return ServerSpan(
+            self.peer_id, self.start, self.end, self.throughput, self.cache_tokens_left, self.rtt, self.busy
+        )
 
 
 @dataclass

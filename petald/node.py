@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 import trio
 
 import petald
@@ -299,9 +300,17 @@ async def _measure_throughput(host, config: NodeConfig, key: str, span: Span) ->
 async def _load_span(model_dir: Path, start: int, end: int, config: NodeConfig) -> Span:
     """Blocks [start, end), quantized as configured, with the configured LoRA adapters (loaded for those blocks)."""
     log.info("loading blocks %d:%d of %s (%s)", start, end, model_dir.name, config.quant)
-    load = functools.partial(Span.load, model_dir, start, end, config.quant, config.adapter_paths())
+    load = functools.partial(_loaded_and_warm, model_dir, start, end, config)
     # abandoned on cancel: a node stopping mid-load exits without waiting for the read to finish
     return await trio.to_thread.run_sync(load, abandon_on_cancel=True)
+
+
+def _loaded_and_warm(model_dir: Path, start: int, end: int, config: NodeConfig) -> Span:
+    """The span, after one step of one token: torch's first pass (lazy set-up, allocations) is slow, and a server
+    is not announced ONLINE before it is ready to answer as fast as it will."""
+    span = Span.load(model_dir, start, end, config.quant, config.adapter_paths())
+    span.step(span.new_session(1, 1), torch.zeros(1, 1, span.hidden_size))
+    return span
 
 
 def _public_addrs(addrs: list[str], public_host: str | None) -> list[str]:

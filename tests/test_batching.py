@@ -4,10 +4,17 @@ that runs them through one compute lane."""
 
 from __future__ import annotations
 
+import os
+import threading
+
 import pytest
 import torch
 import trio
+from libp2p.crypto.ed25519 import create_new_key_pair
 
+from petal_client import DistributedModelForCausalLM
+from petald.local_swarm import local_swarm, wait_until
+from petald.p2p.host import connect, open_host
 from petald.p2p.wire import CloseSession, OpenSession, SessionOpened, Step, StepResult
 from petald.serving.batching import MAX_BATCHED_STEP_TOKENS, StepQueue, StepShape, choose_batch
 from petald.serving.handlers import ServingOptions, SpanServer
@@ -277,3 +284,102 @@ def base_blocks(peft_model, hidden: torch.Tensor) -> torch.Tensor:
     """Blocks 0:6 of the base model under `peft_model` (its adapter disabled) on `hidden`."""
     with peft_model.disable_adapter():
         return peft_blocks(peft_model, hidden, 0, 6)
+
+
+# ---------------------------------------------------------------- load-aware routing, with real processes
+
+
+class LoadOnServer:
+    """`sessions` sessions stepping as fast as they can on one server (from a thread of the test), each step a
+    block of new tokens at position 0, so its cache never grows: the server stays busy until stop()."""
+
+    def __init__(self, node, model: str, sessions: int, tokens: int = 32):
+        self.node, self.model, self.sessions, self.tokens = node, model, sessions, tokens
+        self.steps = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=trio.run, args=(self._main,), daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    async def _main(self) -> None:
+        async with open_host(create_new_key_pair(), ("127.0.0.1", 0)) as host:
+            peer = await connect(host, self.node.addr)
+            async with trio.open_nursery() as nursery:
+                for n in range(self.sessions):
+                    nursery.start_soon(self._session, host, peer, n)
+
+    async def _session(self, host, peer, n: int) -> None:
+        stream = await new_stream(host, peer)
+        await send(stream, OpenSession(self.model, 0, 6, 1, self.tokens, f"load-{n}"))
+        assert isinstance(await receive(stream), SessionOpened)
+        hidden = torch.randn(1, self.tokens, 64)
+        step = 0
+        while not self._stop.is_set():
+            await send(stream, Step(step, hidden, position=0))
+            assert isinstance(await receive(stream), StepResult)
+            step, self.steps = step + 1, self.steps + 1
+        await send(stream, CloseSession())
+
+
+def greedy(model, route, ids: torch.Tensor, new_tokens: int, on_step=None) -> torch.Tensor:
+    """Greedy tokens through `route` (a session of model.blocks), calling on_step(n) before step n."""
+    hidden = route.step(model.parts.embed(ids))
+    tokens = ids
+    for n in range(new_tokens):
+        token = model.parts.logits(hidden[:, -1:]).argmax(-1)
+        tokens = torch.cat([tokens, token], dim=1)
+        if n + 1 == new_tokens:
+            break
+        if on_step is not None:
+            on_step(n)
+        hidden = route.step(model.parts.embed(token))
+    return tokens
+
+
+def test_a_loaded_server_is_avoided_by_new_sessions_and_left_at_a_step_boundary(tiny_llama, tmp_path):
+    ids = torch.tensor([[5, 17, 300, 42, 8, 99, 23]])
+    with torch.no_grad():
+        want = DistributedModelForCausalLM.from_local_spans(str(tiny_llama), [(0, 6)]).generate(
+            ids, max_new_tokens=12, eos_token_id=None
+        )
+    env = {**os.environ, "PETAL_HOME": str(tmp_path / "home")}
+    fast = ["--throughput", "100", "--heartbeat", "2", "--expiry", "6", "--port", "0"]
+    with local_swarm(tmp_path, env) as swarm:
+        bootstrap, servers = swarm.start_spans(str(tiny_llama), ("0:6", "0:6"), *fast)
+        with DistributedModelForCausalLM.from_pretrained(str(tiny_llama), [bootstrap.addr]) as model:
+            client = model.blocks.swarm
+            client.refresh_period = 1.0
+            view = client.run(client.watch, model.model_name, 6)
+            wait_until(lambda: all(s.peer_id in view.servers for s in servers), 30, what="both servers seen")
+            route = model.blocks.inference_session(1, 64)
+            load = None
+
+            def load_its_server(n: int) -> None:
+                nonlocal load
+                if n != 2:
+                    return
+                loaded = next(s for s in servers if s.peer_id == route.route[0].hop.peer_id)
+                load = LoadOnServer(loaded, model.model_name, sessions=6)
+                # the client's pings report the load (the server's lane busy over the last seconds)
+                wait_until(lambda: view.servers[loaded.peer_id].busy >= 0.4, 30, what="the load shows in pings")
+
+            try:
+                with torch.no_grad():
+                    got = greedy(model, route, ids, 12, on_step=load_its_server)
+                loaded_id = load.node.peer_id
+                idle_id = next(s.peer_id for s in servers if s.peer_id != loaded_id)
+                assert route.moves == 1 and route.route[0].hop.peer_id == idle_id  # it moved, once
+                assert torch.equal(got, want)  # and its output is unchanged
+                fresh = model.blocks.inference_session(1, 64)
+                try:
+                    fresh.step(model.parts.embed(ids))
+                    assert fresh.route[0].hop.peer_id == idle_id  # a new session routes to the idle server
+                finally:
+                    fresh.close()
+            finally:
+                route.close()
+                if load is not None:
+                    load.stop()

@@ -11,6 +11,8 @@ from petal_client.routing import (
     Hop,
     MissingBlocksError,
     ServerSpan,
+    better_server,
+    hop_cost,
     min_latency_route,
     missing_blocks,
     throughput_weighted_route,
@@ -90,3 +92,34 @@ def test_throughput_weighted_route_covers_the_range_contiguously():
         route = throughput_weighted_route(servers, 0, 30, rng)
         assert route[0].start == 0 and route[-1].end == 30
         assert all(x.end == y.start for x, y in zip(route, route[1:], strict=False))
+
+
+# ---------------------------------------------------------------- load: new routes and moves at step boundaries
+
+
+def test_a_busy_server_costs_more_and_new_routes_take_the_idle_one():
+    idle = ServerSpan("idle", 0, 6, throughput=100, rtt=0.004, busy=0.0)
+    loaded = ServerSpan("loaded", 0, 6, throughput=100, rtt=0.002, busy=0.6)
+    assert hop_cost(loaded, 6, 0) > 2 * hop_cost(idle, 6, 0) - 0.01
+    assert min_latency_route([idle, loaded], 0, 6) == [Hop("idle", 0, 6)]
+    # an average near 1 is still a finite cost: a saturated server is a poor choice, not an impossible one
+    assert hop_cost(ServerSpan("full", 0, 6, throughput=100, busy=1.0), 6, 0) < 1
+
+
+def test_a_hop_moves_only_for_a_clear_gain_that_pays_for_its_replay():
+    hop = Hop("loaded", 0, 6)
+    loaded = ServerSpan("loaded", 0, 6, throughput=100, rtt=0.002, busy=0.6)
+    idle = ServerSpan("idle", 0, 6, throughput=100, rtt=0.002)
+    assert better_server(loaded, [loaded, idle], hop, tokens=10, remaining_steps=50) == idle
+    # a small gain is noise: no move (hysteresis)
+    slightly = ServerSpan("slightly", 0, 6, throughput=100, rtt=0.002, busy=0.1)
+    assert better_server(slightly, [slightly, idle], Hop("slightly", 0, 6), tokens=10, remaining_steps=50) is None
+    # the gain over the steps left does not pay for replaying a long history
+    assert better_server(loaded, [loaded, idle], hop, tokens=2000, remaining_steps=3) is None
+    # only a server holding all of the hop's blocks can take it over, and one without cache room is a last resort
+    partial = ServerSpan("partial", 0, 3, throughput=100, rtt=0.002)
+    full_cache = ServerSpan("full-cache", 0, 6, throughput=100, rtt=0.002, cache_tokens_left=10)
+    others = [loaded, partial, full_cache]
+    assert better_server(loaded, others, hop, tokens=10, remaining_steps=50, cache_tokens_needed=64) is None
+    # once moved, the hop does not come back while the old server is as loaded as it was
+    assert better_server(idle, [loaded, idle], Hop("idle", 0, 6), tokens=10, remaining_steps=50) is None

@@ -561,6 +561,7 @@ class ServerInfo(Message):
     adapters: list[str] = field(default_factory=list)
     # load, for routing at every step (0 from servers that do not report it)
     sessions: int = 0  # open inference sessions
+    busy: float = 0.0  # fraction of the last seconds the server's compute lane was running
     active_rows: int = 0  # rows of the sessions that stepped in the last seconds
     queued_steps: int = 0  # steps waiting for the compute lane now
     passes: int = 0  # forward passes run for inference steps since start
@@ -582,6 +583,7 @@ class ServerInfo(Message):
             version=_str(msg, "version", 64),
             adapters=_str_list(msg, "adapters"),
             sessions=count("sessions"),
+            busy=min(1.0, max(0.0, _float(msg, "busy"))) if "busy" in msg else 0.0,
             active_rows=count("active_rows"),
             queued_steps=count("queued_steps"),
             passes=count("passes"),

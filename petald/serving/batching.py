@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
@@ -92,6 +93,22 @@ class BatchStats:
         self.rows += rows
 
 
+class LaneClock:
+    """How busy the compute lane has been: the fraction of the last ACTIVE_WINDOW seconds it ran torch work."""
+
+    def __init__(self) -> None:
+        self._jobs: deque[tuple[float, float]] = deque()  # (end, seconds) of recent jobs, oldest first
+
+    def record(self, seconds: float, now: float | None = None) -> None:
+        self._jobs.append((time.monotonic() if now is None else now, seconds))
+
+    def busy(self, now: float | None = None) -> float:
+        now = time.monotonic() if now is None else now
+        while self._jobs and self._jobs[0][0] < now - ACTIVE_WINDOW:
+            self._jobs.popleft()
+        return min(1.0, sum(seconds for _, seconds in self._jobs) / ACTIVE_WINDOW)
+
+
 class StepQueue:
     """The inference steps waiting for the server's compute lane, run in shared passes.
 
@@ -104,6 +121,7 @@ class StepQueue:
         self.max_tokens = max_tokens
         self.batching = batching
         self.stats = BatchStats()
+        self.lane = LaneClock()  # the server's other torch work records its time here too
         self._queue: list[QueuedStep] = []
         self._last_steps: dict[int, tuple[float, int]] = {}  # id of a session -> (time of its last step, its rows)
 
@@ -145,9 +163,11 @@ class StepQueue:
             queued.taken = True
         self._queue = [q for q in self._queue if not q.taken]
         with trio.CancelScope(shield=True):  # the pass runs to its end, and every session in it hears of it
+            started = time.monotonic()
             try:
                 await trio.to_thread.run_sync(self._run_pass, batch)
             finally:
+                self.lane.record(time.monotonic() - started)
                 for queued in batch:
                     queued.done.set()
 

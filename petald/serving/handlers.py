@@ -7,6 +7,7 @@ node or touch another session."""
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -260,6 +261,7 @@ class SpanServer:
             version=self.options.version,
             adapters=list(self.span.adapters),
             sessions=self.budget.sessions,
+            busy=round(self.steps.lane.busy(), 3),
             active_rows=self.steps.active_rows(),
             queued_steps=self.steps.waiting,
             passes=self.steps.stats.passes,
@@ -441,7 +443,10 @@ class SpanServer:
             # one job at a time in the compute lane: inference steps queued meanwhile run between them
             jobs, result = _jobs(span, request, layers), None
             while result is None:
-                result = await trio.to_thread.run_sync(next, jobs, limiter=self.compute)
+                async with self.compute:
+                    started = time.monotonic()
+                    result = await trio.to_thread.run_sync(next, jobs)
+                    self.steps.lane.record(time.monotonic() - started)
             reply = _reply(request, result)
             with trio.fail_after(WRITE_TIMEOUT):
                 await write_message(stream, reply)
