@@ -41,22 +41,22 @@ class StepShape:
 
 
 def choose_batch(queued: Sequence[StepShape], max_rows: int, max_tokens: int) -> list[int]:
-    """The indices of the queued steps (oldest first) to run in the next pass: the oldest, then each later one
-    with the same key while the pass stays within `max_rows` rows and `max_tokens` rows x tokens. Empty if
-    nothing is queued."""
+    """The indices of the queued items (oldest first) to run in the next pass: the oldest, then each later one
+    with the same key while the pass stays within `max_rows` rows and `max_tokens` rows x tokens (rows shorter
+    than the longest are padded to it). Empty if nothing is queued."""
     if not queued:
         return []
     first = queued[0]
-    chosen, rows = [0], first.rows
+    chosen, rows, tokens = [0], first.rows, first.tokens
     if first.alone:
         return chosen
     for index, shape in enumerate(queued[1:], start=1):
         if shape.alone or shape.key != first.key:
             continue
-        if rows + shape.rows > max_rows or (rows + shape.rows) * first.tokens > max_tokens:
+        if rows + shape.rows > max_rows or (rows + shape.rows) * max(tokens, shape.tokens) > max_tokens:
             break
         chosen.append(index)
-        rows += shape.rows
+        rows, tokens = rows + shape.rows, max(tokens, shape.tokens)
     return chosen
 
 
@@ -189,3 +189,142 @@ class StepQueue:
         self.stats.record(len(batch), sum(q.shape.rows for q in batch))
         for queued, output in zip(batch, outputs, strict=True):
             queued.output = output
+
+
+# ---------------------------------------------------------------- forward and backward requests (training)
+
+
+def merge_sequences(tensors: Sequence[torch.Tensor], masks: Sequence[torch.Tensor | None]) -> tuple:
+    """Sequences [B_i, L_i, ...] of several requests as one batch, right-padded to the longest, and its padding
+    mask [sum B_i, L] (0 on the padding): positions come from the mask, so padding on the right moves no token."""
+    length = max(t.shape[1] for t in tensors)
+    padded, padded_masks = [], []
+    for tensor, mask in zip(tensors, masks, strict=True):
+        extra = length - tensor.shape[1]
+        pad = (0, 0) * (tensor.ndim - 2) + (0, extra)
+        padded.append(torch.nn.functional.pad(tensor.float(), pad))
+        mask = torch.ones(tensor.shape[:2], dtype=torch.long) if mask is None else mask.long()
+        padded_masks.append(torch.nn.functional.pad(mask, (0, extra)))
+    return torch.cat(padded), torch.cat(padded_masks)
+
+
+def split_rows(batch: torch.Tensor, shapes: Sequence[torch.Size]) -> list[torch.Tensor]:
+    """Each request's own rows and tokens of a merged batch (inverse of merge_sequences)."""
+    out, begin = [], 0
+    for shape in shapes:
+        out.append(batch[begin : begin + shape[0], : shape[1]])
+        begin += shape[0]
+    return out
+
+
+@dataclass
+class QueuedRequest:
+    span: Span
+    request: object  # a checked ForwardRequest or BackwardRequest
+    layers: slice
+    shape: StepShape
+    taken: bool = False
+    done: trio.Event = field(default_factory=trio.Event)
+    result: object = None
+    error: BaseException | None = None
+
+
+class RequestQueue:
+    """Forward and backward requests waiting for the compute lane; those of the same blocks and adapter queued
+    together run as one request (right-padded), up to the kind's batch x tokens limit. Its jobs (one layer, or one
+    chunk of a layer, each) take the lane one at a time, so inference steps run between them."""
+
+    def __init__(
+        self,
+        compute: trio.CapacityLimiter,
+        lane: LaneClock,
+        max_forward_tokens: int,
+        max_backward_tokens: int,
+        batching: bool = True,
+    ):
+        self.compute, self.lane, self.batching = compute, lane, batching
+        self.max_tokens = {False: max_forward_tokens, True: max_backward_tokens}  # by kind: backward or not
+        self.stats = BatchStats()
+        self._queue: list[QueuedRequest] = []
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued and not yet taken."""
+        return len(self._queue)
+
+    async def run(self, span: Span, request, layers: slice, jobs_of) -> object:
+        """The last result of `jobs_of(span, merged request, layers)` for this request's rows (jobs_of: the
+        Span.forward_jobs / backward_jobs call for a request, as handlers._jobs)."""
+        backward = hasattr(request, "grad_output")
+        key = (id(span), backward, layers.start, layers.stop, request.adapter)
+        alone = not self.batching or request.prompts is not None
+        rows, tokens = request.hidden.shape[:2]
+        queued = QueuedRequest(span, request, layers, StepShape(key, rows, tokens, alone))
+        self._queue.append(queued)
+        try:
+            while not queued.taken:  # the next merged request is the oldest's, which may not be this one's
+                async with self.compute:
+                    taken = None if queued.taken else self._take()
+                if taken is not None:
+                    with trio.CancelScope(shield=True):  # others' results ride on this run: it goes to its end
+                        await self._run(taken, jobs_of)
+        finally:
+            if not queued.taken:
+                self._queue.remove(queued)
+        await queued.done.wait()
+        if queued.error is not None:
+            raise queued.error
+        return queued.result
+
+    def _take(self) -> list[QueuedRequest]:
+        backward = self._queue[0].shape.key[1]
+        shapes = [q.shape for q in self._queue]
+        indices = choose_batch(shapes, max_rows=1 << 30, max_tokens=self.max_tokens[backward])
+        batch = [self._queue[i] for i in indices]
+        for queued in batch:
+            queued.taken = True
+        self._queue = [q for q in self._queue if not q.taken]
+        return batch
+
+    async def _run(self, batch: list[QueuedRequest], jobs_of) -> None:
+        try:
+            request = batch[0].request if len(batch) == 1 else _merged(batch)
+            jobs, result = jobs_of(batch[0].span, request, batch[0].layers), None
+            while result is None:
+                async with self.compute:
+                    started = time.monotonic()
+                    result = await trio.to_thread.run_sync(next, jobs)
+                    self.lane.record(time.monotonic() - started)
+            self.stats.record(len(batch), sum(q.shape.rows for q in batch))
+            shapes = [q.request.hidden.shape for q in batch]
+            if len(batch) == 1:
+                batch[0].result = result
+            elif isinstance(result, tuple):  # backward: (grad hidden, grad prompts = None)
+                for queued, grad in zip(batch, split_rows(result[0], shapes), strict=True):
+                    queued.result = (grad, None)
+            else:
+                for queued, output in zip(batch, split_rows(result, shapes), strict=True):
+                    queued.result = output
+        except Exception as e:
+            if len(batch) == 1:
+                batch[0].error = e
+            else:  # each alone: a failure reaches only the request that causes it
+                log.warning("a merged request of %d failed (%r): running them one by one", len(batch), e)
+                for queued in batch:
+                    await self._run([queued], jobs_of)
+        finally:
+            for queued in batch:
+                queued.done.set()
+
+
+def _merged(batch: list[QueuedRequest]):
+    """One request carrying the rows of every request of `batch` (same blocks, adapter and kind, no prompts)."""
+    import dataclasses
+
+    first = batch[0].request
+    requests = [q.request for q in batch]
+    hidden, mask = merge_sequences([r.hidden for r in requests], [r.attention_mask for r in requests])
+    fields = {"hidden": hidden, "attention_mask": mask}
+    if hasattr(first, "grad_output"):
+        fields["grad_output"], _ = merge_sequences([r.grad_output for r in requests], [None] * len(requests))
+    return dataclasses.replace(first, **fields)

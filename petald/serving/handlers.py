@@ -7,7 +7,6 @@ node or touch another session."""
 from __future__ import annotations
 
 import logging
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -44,7 +43,7 @@ from petald.p2p.wire import (
     read_message,
     write_message,
 )
-from petald.serving.batching import StepQueue
+from petald.serving.batching import RequestQueue, StepQueue
 from petald.serving.cache import CacheBudget, CacheFullError
 from petald.serving.span import SessionStep, Span, SpanSession
 
@@ -187,6 +186,9 @@ class SpanServer:
         self.compute = trio.CapacityLimiter(1)  # one torch job at a time: the CPU/GPU is not oversubscribed
         # inference steps wait here for the compute lane; those queued together share forward passes
         self.steps = StepQueue(self.compute, options.max_batch_size, options.max_forward_tokens, options.batching)
+        self.requests = RequestQueue(
+            self.compute, self.steps.lane, options.max_forward_tokens, MAX_BACKWARD_TOKENS, options.batching
+        )
         self._state = ServerState.ONLINE
         self.throughput = 0.0
         self.sessions_done = trio.Event()
@@ -440,13 +442,9 @@ class SpanServer:
                 request = await read_message(stream, self.limits, expect=(kind,))
             span = self.span  # a server that moves swaps its span; this request runs on the one it was checked on
             layers = self._check_stateless(request, span)
-            # one job at a time in the compute lane: inference steps queued meanwhile run between them
-            jobs, result = _jobs(span, request, layers), None
-            while result is None:
-                async with self.compute:
-                    started = time.monotonic()
-                    result = await trio.to_thread.run_sync(next, jobs)
-                    self.steps.lane.record(time.monotonic() - started)
+            # merged with concurrent requests for the same blocks; one job at a time in the compute lane: inference
+            # steps queued meanwhile run between them
+            result = await self.requests.run(span, request, layers, _jobs)
             reply = _reply(request, result)
             with trio.fail_after(WRITE_TIMEOUT):
                 await write_message(stream, reply)
