@@ -57,6 +57,8 @@ NODE_OPTIONS_HELP = {
     "host": "address to listen on (default 127.0.0.1)",
     "port": "TCP port to listen on (default 31330; 0 = any)",
     "public_host": "address to announce instead of the listening one",
+    "public_name": "a short display name announced with this server (at most 32 printable characters)",
+    "metrics_port": "serve Prometheus /metrics and /health on --host at this port (0 = any free port; default off)",
     "identity": "Ed25519 identity file (created if missing)",
     "initial_peers": "multiaddrs of swarm peers to join through",
     "new_swarm": "start a new swarm instead of joining one",
@@ -90,6 +92,8 @@ SERVING_ONLY = {
     "step_timeout",
     "session_timeout",
     "drain_timeout",
+    "public_name",
+    "metrics_port",
 }
 
 
