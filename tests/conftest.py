@@ -73,3 +73,20 @@ def tiny_swarm(tiny_llama, tmp_path_factory):
             str(tiny_llama), ("0:2", "2:4", "4:6"), *fast, "--adapters", f"lora={adapter_dir}"
         )
         yield TinySwarm(bootstrap.addr, peft_model, servers, swarm)
+
+
+@pytest.fixture
+def browser():
+    """Debian's headless chromium through its chromedriver (selenium), stopped after the test."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1000,700"):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()  # stops chromium and chromedriver
