@@ -103,7 +103,7 @@ def test_the_monitors_json_and_metrics_show_every_server_its_name_and_ping(watch
 def test_the_block_map_in_chromium_turns_a_killed_servers_blocks_red(watched, browser, tmp_path):
     url, servers = watched
     wait_until(lambda: all_served(url), 60, "the monitor sees 3 reachable servers")
-    browser.set_window_size(1100, 640)
+    browser.set_window_size(1100, 760)
     browser.get(url + "/")
     wait = WebDriverWait(browser, 30, poll_frequency=0.1)
 
