@@ -20,14 +20,18 @@ PROMPT = torch.tensor([[1, 5, 9, 13, 17]])
 NEW_TOKENS = 4
 
 
-def scrape(url: str) -> dict[tuple[str, tuple], float]:
-    """(sample name, sorted labels) -> value of every sample a node's /metrics shows."""
-    text = httpx.get(f"{url}/metrics", timeout=10).text
+def samples_of(text: str) -> dict[tuple[str, tuple], float]:
+    """(sample name, sorted labels) -> value of every sample in Prometheus' text format, as its parser reads it."""
     return {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value
         for family in text_string_to_metric_families(text)
         for sample in family.samples
     }
+
+
+def scrape(url: str) -> dict[tuple[str, tuple], float]:
+    """Every sample a node's (or the monitor's) /metrics shows."""
+    return samples_of(httpx.get(f"{url}/metrics", timeout=10).text)
 
 
 def value(samples: dict, name: str, **labels: str) -> float:
@@ -147,11 +151,7 @@ def test_pushes_fallbacks_errors_and_failovers_are_counted_in_the_nodes_own_regi
     first.step_served(Step(6, torch.zeros(1, 4, 8), push_to=[hop]), 0.01, pushed=False)
     first.step_served(Step(7, torch.zeros(1, 1, 8), push_to=[hop]), 0.01, pushed=True)
     first.error_sent("bad_shape")
-    samples = {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(first.exposition().decode())
-        for s in family.samples
-    }
+    samples = samples_of(first.exposition().decode())
     assert value(samples, "petal_steps_total") == 2 and value(samples, "petal_tokens_total") == 5
     assert value(samples, "petal_pushes_total") == 1 and value(samples, "petal_push_fallbacks_total") == 1
     assert value(samples, "petal_failovers_total") == 1

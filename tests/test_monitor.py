@@ -12,7 +12,6 @@ import httpx
 import msgpack
 import pytest
 from libp2p.crypto.ed25519 import create_new_key_pair
-from prometheus_client.parser import text_string_to_metric_families
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
@@ -32,6 +31,7 @@ from petald.p2p.dht import InvalidRecord, ServerEntry, ServerState, merge_block_
 from petald.p2p.host import peer_id_of
 from petald.p2p.wire import ServerInfo
 from petald.status import block_bar, coverage_bar
+from tests.test_metrics import scrape
 
 FAST = ["--throughput", "100", "--heartbeat", "2", "--expiry", "6", "--port", "0"]
 REFRESH = 2.0
@@ -87,11 +87,7 @@ def test_the_monitors_json_and_metrics_show_every_server_its_name_and_ping(watch
         assert row["peer_id"] == servers[f"{start}:{end}"].peer_id
         assert row["state"] == "ONLINE" and row["quant"] == "none" and row["version"] and row["rtt_ms"] > 0
         assert row["throughput"] == 100.0 and row["cache_tokens_left"] == 16384 and row["hint"] == ""
-    samples = {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text)
-        for s in family.samples
-    }
+    samples = scrape(url)
     model = (("model", tiny_llama.name),)
     assert samples[("petal_swarm_servers", (*model, ("state", "ONLINE")))] == 3
     assert samples[("petal_swarm_unserved_blocks", model)] == 0
