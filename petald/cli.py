@@ -32,6 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     status.add_argument("--model", help="only this model")
     status.add_argument("--json", action="store_true", help="machine-readable output")
 
+    monitor = commands.add_parser("monitor", help="serve a web page (and JSON, Prometheus metrics) of the swarm")
+    monitor.add_argument("--initial-peers", nargs="+", required=True, metavar="MULTIADDR")
+    monitor.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    monitor.add_argument("--port", type=int, default=8080, help="HTTP port (default 8080; 0 = any free port)")
+    monitor.add_argument("--refresh", type=float, default=10.0, help="seconds between reads of the swarm (default 10)")
+
     args = parser.parse_args(argv)
     if args.command in ("start", "dht"):
         return _run_node(args)
@@ -39,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         from petald.status import print_status
 
         return print_status(args.initial_peers, args.model, args.json)
+    if args.command == "monitor":
+        return _monitor(args)
     if args.command == "model":
         return _model_prepare(parser, args)
     if args.command == "keygen":
@@ -57,6 +65,8 @@ NODE_OPTIONS_HELP = {
     "host": "address to listen on (default 127.0.0.1)",
     "port": "TCP port to listen on (default 31330; 0 = any)",
     "public_host": "address to announce instead of the listening one",
+    "public_name": "a short display name announced with this server (at most 32 printable characters)",
+    "metrics_port": "serve Prometheus /metrics and /health on --host at this port (0 = any free port; default off)",
     "identity": "Ed25519 identity file (created if missing)",
     "initial_peers": "multiaddrs of swarm peers to join through",
     "new_swarm": "start a new swarm instead of joining one",
@@ -92,6 +102,8 @@ SERVING_ONLY = {
     "step_timeout",
     "session_timeout",
     "drain_timeout",
+    "public_name",
+    "metrics_port",
 }
 
 
@@ -136,6 +148,24 @@ def _run_node(args) -> int:
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def _monitor(args) -> int:
+    from petald.errors import PetalError
+    from petald.monitor import run_monitor
+    from petald.p2p.host import quiet_libp2p_logs
+
+    if args.refresh <= 0:
+        print("petald: --refresh must be more than 0 seconds", file=sys.stderr)
+        return 2
+    quiet_libp2p_logs()
+    try:
+        return run_monitor(args.initial_peers, args.host, args.port, args.refresh)
+    except (PetalError, OSError) as e:
+        print(f"petald: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
 
 
 def _model_prepare(parser: argparse.ArgumentParser, args) -> int:

@@ -32,6 +32,8 @@ class NodeConfig:
     host: str = "127.0.0.1"  # address to listen on
     port: int = 31330  # 0 = any free port
     public_host: str | None = None  # address to announce instead of the listening one (behind NAT)
+    public_name: str = ""  # a short display name announced in the DHT (monitor, status); "" = none
+    metrics_port: int | None = None  # serve /metrics (Prometheus) and /health on host:metrics_port; none = off
     identity: Path | None = None  # Ed25519 key file; created (0600) if missing; none = new identity each run
     initial_peers: list[str] = field(default_factory=list)  # multiaddrs of peers to join through
     new_swarm: bool = False  # start a swarm of one instead of joining
@@ -88,6 +90,12 @@ class NodeConfig:
         if not 0 < self.balance_quality <= 1:
             raise ConfigError(f"balance_quality must be in (0, 1], got {self.balance_quality}")
         self.adapter_paths()
+        from petald.p2p.dht import InvalidRecord, check_public_name  # imports libp2p: only when a node starts
+
+        try:
+            check_public_name(self.public_name)
+        except InvalidRecord as e:
+            raise ConfigError(f"{e}: give a public_name of at most 32 printable characters") from None
         if self.balance_period < 0:
             raise ConfigError(f"balance_period must be 0 (never move) or more seconds, got {self.balance_period}")
         self.check_swarm()
@@ -103,6 +111,8 @@ class NodeConfig:
             raise ConfigError(f"quant must be one of {', '.join(QUANTS)}, got {self.quant!r}")
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"log_format must be text or json, got {self.log_format!r}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"metrics_port must be a TCP port (0 = any free one), got {self.metrics_port}")
         if self.expiry <= self.heartbeat:
             raise ConfigError(f"expiry ({self.expiry} s) must be longer than heartbeat ({self.heartbeat} s)")
 

@@ -61,6 +61,11 @@ class NodeProcess:
     def peer_id(self) -> str:
         return self.addr.rsplit("/", 1)[1]
 
+    @property
+    def metrics_url(self) -> str:
+        """http://HOST:PORT of its /metrics and /health (started with --metrics-port)."""
+        return self.wait_for(r"metrics at (http://[\d.]+:\d+)/metrics").group(1)
+
     def wait_serving(self, timeout: float = 120.0) -> None:
         self.wait_for(r"serving blocks", timeout)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -18,6 +19,7 @@ import trio
 
 import petald
 from petald.config import ConfigError, NodeConfig
+from petald.metrics import NodeMetrics, serving_metrics
 from petald.models.loading import check_span, load_config, num_blocks
 from petald.p2p.bandwidth import BANDWIDTH_PROTOCOL, handle_bandwidth_probe, measure_bandwidth
 from petald.p2p.dht import ServerEntry, ServerState, SwarmDHT, open_swarm_dht
@@ -67,6 +69,18 @@ async def run_server(config: NodeConfig) -> None:
     model_dir, total_blocks = check_model(config)
     model_name = swarm_model_name(config.model)
     key_pair = load_or_create_identity(config.identity)
+    metrics = NodeMetrics()  # JOINING until the span is served: /health answers 503 from the start
+    with contextlib.ExitStack() as stack:
+        if config.metrics_port is not None:
+            port = stack.enter_context(serving_metrics(metrics, config.host, config.metrics_port))
+            log.info("metrics at http://%s:%d/metrics (and /health)", config.host, port)
+        await _serve(config, model_dir, model_name, total_blocks, key_pair, metrics)
+    log.info("stopped")
+
+
+async def _serve(
+    config: NodeConfig, model_dir: Path, model_name: str, total_blocks: int, key_pair, metrics: NodeMetrics
+) -> None:
     async with open_host(key_pair, (config.host, config.port)) as host:
         addrs = _public_addrs(full_addrs(host), config.public_host)
         host.set_stream_handler(BANDWIDTH_PROTOCOL, handle_bandwidth_probe)
@@ -85,14 +99,16 @@ async def run_server(config: NodeConfig) -> None:
                 quant=config.quant,
                 version=petald.__version__,
                 adapters=list(config.adapter_paths()),
+                public_name=config.public_name,
             )
-            announcer = _Announcer(dht, model_name, key_pair, total_blocks, config.expiry, entry)
+            announcer = _Announcer(dht, model_name, key_pair, total_blocks, config.expiry, entry, metrics)
             await announcer.publish()  # claim the span before the (slow) load, so others pick elsewhere
             span = await _load_span(model_dir, start, end, config)
-            server = SpanServer(span, ServingOptions.from_config(config, model_name))
+            server = SpanServer(span, ServingOptions.from_config(config, model_name), metrics)
+            metrics.watch_cache(server.budget)
             server.throughput = config.throughput or await _measure_throughput(host, config, key, span)
             async with trio.open_nursery() as nursery:
-                server.attach(host, nursery)
+                server.attach(metrics.metered_host(host), nursery)
                 await announcer.publish(state=ServerState.ONLINE, throughput=server.throughput)
                 log.info("serving blocks %d:%d of %s at %.1f blocks*steps/s", start, end, model_name, server.throughput)
                 nursery.start_soon(_heartbeat, announcer, server, config.heartbeat)
@@ -112,7 +128,6 @@ async def run_server(config: NodeConfig) -> None:
                 )
                 await server.stop()
                 nursery.cancel_scope.cancel()
-    log.info("stopped")
 
 
 def check_model(config: NodeConfig) -> tuple[Path, int]:
@@ -139,13 +154,23 @@ class _Announcer:
     """Publishes this server's entry, which it keeps as what the swarm should see of the server; never lets a
     DHT failure stop the node."""
 
-    def __init__(self, dht: SwarmDHT, model: str, key_pair, total_blocks: int, expiry: float, entry: ServerEntry):
+    def __init__(
+        self,
+        dht: SwarmDHT,
+        model: str,
+        key_pair,
+        total_blocks: int,
+        expiry: float,
+        entry: ServerEntry,
+        metrics: NodeMetrics,
+    ):
         self.dht, self.model, self.key_pair, self.total_blocks, self.expiry = dht, model, key_pair, total_blocks, expiry
-        self.entry = entry
+        self.entry, self.metrics = entry, metrics
 
     async def publish(self, **changes) -> None:
         """Apply `changes` to the entry, then announce it."""
         self.entry = dataclasses.replace(self.entry, **changes)
+        self.metrics.announced(self.entry, self.model)  # at once: /health answers what the node does now
         await self._announce(lambda: self.entry)  # a retry announces what is true now, not what was at the call
 
     async def retract(self, start: int, end: int) -> None:
@@ -167,8 +192,11 @@ class _Announcer:
                 )
                 # a node alone in its swarm stores only its own copy; otherwise no peer means the write was lost
                 if stored > 0 or not self.dht.kad.routing_table.get_peer_ids():
+                    self.metrics.announce_done(ok=True)
                     return
+                self.metrics.announce_done(ok=False)
             except Exception as e:  # the next attempt, or the next heartbeat, retries
+                self.metrics.announce_done(ok=False)
                 log.warning("announcing %s failed: %r", entry.state, e)
             await trio.sleep(1 + attempt)
 

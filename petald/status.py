@@ -24,7 +24,7 @@ async def read_swarm(initial_peers: list[str], model: str | None) -> dict[str, d
                 models = {model: models.get(model, 0)}
             result = {}
             for name, total in models.items():
-                found, unread = await _read_blocks(dht, name, total)
+                found, unread = await read_blocks(dht, name, total)
                 servers = current_entries(found)
                 result[name] = {
                     "num_blocks": total,
@@ -38,7 +38,7 @@ async def read_swarm(initial_peers: list[str], model: str | None) -> dict[str, d
 STATUS_REREADS = 3
 
 
-async def _read_blocks(dht, model: str, total: int) -> tuple[dict[int, dict[str, ServerEntry]], list[int]]:
+async def read_blocks(dht, model: str, total: int) -> tuple[dict[int, dict[str, ServerEntry]], list[int]]:
     """Every block's entries, and the blocks the swarm did not answer for; blocks that came back empty or
     unanswered are read again (up to 3 times, 0.5/1/2 s apart), because one read of a busy swarm can lose
     answers, and a blocks-less report would be wrong."""
@@ -69,18 +69,39 @@ def print_status(initial_peers: list[str], model: str | None, as_json: bool) -> 
         print("no models are served in this swarm")
     now = time.time()
     for name, info in swarm.items():
-        print(f"{name}: {info['num_blocks']} blocks, {len(info['servers'])} servers")
+        total = info["num_blocks"]
+        print(f"{name}: {total} blocks, {len(info['servers'])} servers")
         for peer_id, e in sorted(info["servers"].items(), key=lambda item: (item[1].start, item[0])):
             print(
-                f"  {peer_id}  blocks {e.start:>3}:{e.end:<3} {e.state:<8} {e.throughput:8.1f} blocks*steps/s  "
+                f"  [{block_bar(e.start, e.end, total, e.state)}]  {peer_id}  {e.public_name or '-':<12} "
+                f"blocks {e.start:>3}:{e.end:<3} {e.state:<8} {e.throughput:8.1f} blocks*steps/s  "
                 f"cache {e.cache_tokens_left:>7} tokens free  {e.quant:<4}  expires in {e.expires_at - now:4.0f} s"
             )
+        print(f"  [{coverage_bar(info['blocks'], info['unread'])}]  ONLINE servers per block (! none, ? unknown)")
         if info["unread"]:
             print(f"  ?? the swarm did not answer for blocks {_ranges(info['unread'])}: try again")
         missing = [b for b, peers in info["blocks"].items() if not peers and b not in info["unread"]]
         if missing:
             print(f"  !! blocks served by no one: {_ranges(missing)}")
     return 0
+
+
+BAR_MARKS = {"ONLINE": "#", "JOINING": "+", "OFFLINE": "-"}
+
+
+def block_bar(start: int, end: int, num_blocks: int, state: str) -> str:
+    """One character per block: the server's state mark (# ONLINE, + JOINING, - OFFLINE) on its blocks, '.'
+    elsewhere."""
+    mark = BAR_MARKS.get(str(state), "?")
+    return "".join(mark if start <= block < end else "." for block in range(num_blocks))
+
+
+def coverage_bar(blocks: dict[int, list[str]], unread: list[int]) -> str:
+    """One character per block: how many ONLINE servers hold it (9 at most shown), '!' none, '?' unknown."""
+    return "".join(
+        "?" if block in unread else "!" if not peers else str(min(len(peers), 9))
+        for block, peers in sorted(blocks.items())
+    )
 
 
 def _ranges(blocks: list[int]) -> str:

@@ -59,17 +59,34 @@ class TinySwarm:
 @pytest.fixture(scope="session")
 def tiny_swarm(tiny_llama, tmp_path_factory):
     """One swarm shared by the tests that need an ordinary one: a DHT node and 3 servers of the tiny Llama
-    (blocks 0:2, 2:4, 4:6), each also serving the LoRA adapter `lora`. A test that kills servers starts its own
-    extra ones on it."""
+    (blocks 0:2, 2:4, 4:6), each also serving the LoRA adapter `lora` and its metrics (NodeProcess.metrics_url).
+    A test that kills servers starts its own extra ones on it."""
     from petald.local_swarm import local_swarm
     from tests.test_adapters import LLAMA_TARGETS, base_model, make_adapter
 
     tmp = tmp_path_factory.mktemp("tiny-swarm")
     adapter_dir, peft_model = make_adapter(base_model(tiny_llama), tmp / "lora", target_modules=LLAMA_TARGETS)
     env = {**os.environ, "PETAL_HOME": str(tmp / "home")}
-    fast = ["--throughput", "100", "--heartbeat", "2", "--expiry", "6", "--port", "0"]
+    fast = ["--throughput", "100", "--heartbeat", "2", "--expiry", "6", "--port", "0", "--metrics-port", "0"]
     with local_swarm(tmp, env) as swarm:
         bootstrap, servers = swarm.start_spans(
             str(tiny_llama), ("0:2", "2:4", "4:6"), *fast, "--adapters", f"lora={adapter_dir}"
         )
         yield TinySwarm(bootstrap.addr, peft_model, servers, swarm)
+
+
+@pytest.fixture
+def browser():
+    """Debian's headless chromium through its chromedriver (selenium), stopped after the test."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1000,700"):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()  # stops chromium and chromedriver

@@ -7,8 +7,6 @@ import os
 
 import pytest
 from openai import OpenAI
-from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
@@ -48,19 +46,6 @@ def test_smollm2_chat_completion_streams_the_plain_answer(api_url):
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == text
     assert len(chunks) > 5 and chunks[-1].choices[0].finish_reason == plain.choices[0].finish_reason
     assert chunks[-1].model_extra["petal"] == {"servers": 3, "failovers": 0}
-
-
-@pytest.fixture
-def browser():
-    options = webdriver.ChromeOptions()
-    options.binary_location = "/usr/bin/chromium"
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1000,700"):
-        options.add_argument(argument)
-    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
-    try:
-        yield driver
-    finally:
-        driver.quit()  # stops chromium and chromedriver
 
 
 def test_the_web_chat_streams_an_answer_in_chromium(api_url, browser, tmp_path):

@@ -1,4 +1,4 @@
-"""The ASGI app of petal-api: OpenAI's /v1 endpoints, /health, and the web chat at /.
+"""The ASGI app of petal-api: OpenAI's /v1 endpoints, /health, the web chat at /, and the swarm monitor at /monitor/.
 
 Every request is validated (schema.py) and checked against its model's context before it reaches the swarm;
 each generation runs in its own inference session (completion.py). Errors answer in OpenAI's envelope."""
@@ -44,6 +44,7 @@ from petal_client.api.schema import (
 from petal_client.routing import MissingBlocksError
 from petal_client.swarm import SwarmError
 from petald.errors import PetalError
+from petald.monitor import Monitor, monitor_app
 
 log = logging.getLogger(__name__)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -102,6 +103,9 @@ def create_app(models: dict[str, ServedModel], config: ApiConfig) -> FastAPI:
     slots = Slots(config.max_concurrent)
     started = int(time.time())
     chat_page = files("petal_client.api").joinpath("static/chat.html").read_text()
+    # petald monitor's pages, through petal-api's own swarm connection; it reads the swarm from the first visit on
+    app.state.monitor = Monitor(next(iter(models.values())).swarm)
+    app.mount("/monitor", monitor_app(app.state.monitor))
 
     def authorized(request: Request) -> None:
         if not config.api_keys:

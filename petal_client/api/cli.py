@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     from petald.errors import PetalError
 
     models: dict[str, ServedModel] = {}
+    app = None
     try:
         for name in config.models:
             print(f"petal-api: loading {name} and joining the swarm", file=sys.stderr)
@@ -68,16 +69,20 @@ def main(argv: list[str] | None = None) -> int:
         # bound and listening before the address is printed: whoever reads it can connect at once
         sock = socket.create_server((config.host, config.port))
         host, port = sock.getsockname()[:2]
-        print(f"petal-api: serving {', '.join(models)} at http://{host}:{port}/v1 (web chat: http://{host}:{port}/)")
-        sys.stdout.flush()
-        server = uvicorn.Server(
-            uvicorn.Config(create_app(models, config), log_level="info", timeout_graceful_shutdown=5)
+        print(
+            f"petal-api: serving {', '.join(models)} at http://{host}:{port}/v1 (web chat: http://{host}:{port}/, "
+            f"swarm monitor: http://{host}:{port}/monitor/)"
         )
+        sys.stdout.flush()
+        app = create_app(models, config)
+        server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5))
         server.run(sockets=[sock])
     except (PetalError, OSError) as e:
         print(f"petal-api: {e}", file=sys.stderr)
         return 1
     finally:
+        if app is not None:
+            app.state.monitor.close()
         for model in models.values():
             model.close()
     return 0

@@ -118,6 +118,7 @@ MAX_ADDR_LEN = 256
 MAX_ADAPTERS = 32
 MAX_ADAPTER_LEN = 128
 MAX_VERSION_LEN = 32
+MAX_PUBLIC_NAME_LEN = 32
 MAX_KEY_BYTES_LEN = 128
 MAX_SIGNATURE_LEN = 128
 MAX_THROUGHPUT = 1e9
@@ -162,6 +163,7 @@ class ServerEntry:
     quant: str
     version: str
     adapters: list[str] = field(default_factory=list)
+    public_name: str = ""  # a short display name its operator chose (check_public_name); "" for none
     updated_at: float = 0.0
     expires_at: float = 0.0
     public_key: bytes = b""
@@ -202,6 +204,7 @@ class ServerEntry:
             quant=quant,
             version=_str(d, "version", MAX_VERSION_LEN),
             adapters=_str_list(d, "adapters", MAX_ADAPTERS, MAX_ADAPTER_LEN),
+            public_name=check_public_name(_str(d, "public_name", MAX_PUBLIC_NAME_LEN)),
             updated_at=_float(d, "updated_at", 0.0, math.inf),
             expires_at=_float(d, "expires_at", 0.0, math.inf),
             public_key=_bytes(d, "public_key", MAX_KEY_BYTES_LEN),
@@ -338,6 +341,16 @@ def check_model_name(model: str) -> str:
             f"start with a letter or digit and be at most {MAX_MODEL_NAME_LEN} characters"
         )
     return model
+
+
+def check_public_name(name: str) -> str:
+    """``name`` if it may be shown as a server's public name: at most MAX_PUBLIC_NAME_LEN printable characters
+    (no control, format or line-separator characters), no surrounding spaces; raises InvalidRecord otherwise."""
+    if len(name) > MAX_PUBLIC_NAME_LEN:
+        raise InvalidRecord(f"public name is {len(name)} characters long, more than {MAX_PUBLIC_NAME_LEN}")
+    if not name.isprintable() or name != name.strip():
+        raise InvalidRecord(f"public name {name[:MAX_PUBLIC_NAME_LEN]!r} holds unprintable characters or outer spaces")
+    return name
 
 
 # ---- keys ----

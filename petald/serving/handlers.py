@@ -17,6 +17,7 @@ import trio
 import petald
 from petald.config import NodeConfig
 from petald.errors import AdapterError
+from petald.metrics import NodeMetrics, count_error
 from petald.p2p.dht import ServerState
 from petald.p2p.wire import (
     BACKWARD_PROTOCOL,
@@ -179,13 +180,15 @@ class PushLink:
 class SpanServer:
     """Serves one span to many clients; owns the cache budget and the one compute lane."""
 
-    def __init__(self, span: Span, options: ServingOptions):
+    def __init__(self, span: Span, options: ServingOptions, metrics: NodeMetrics | None = None):
         self.span = span
         self.options = options
+        self.metrics = metrics if metrics is not None else NodeMetrics()
         self.budget = CacheBudget(options.max_cache_tokens)
         self.compute = trio.CapacityLimiter(1)  # one torch job at a time: the CPU/GPU is not oversubscribed
         # inference steps wait here for the compute lane; those queued together share forward passes
         self.steps = StepQueue(self.compute, options.max_batch_size, options.max_forward_tokens, options.batching)
+        self.metrics.watch_batching(self.steps)
         self.requests = RequestQueue(
             self.compute, self.steps.lane, options.max_forward_tokens, MAX_BACKWARD_TOKENS, options.batching
         )
@@ -370,6 +373,7 @@ class SpanServer:
             except ProtocolError as e:
                 await _send_error(session, e.code, str(e))
                 continue
+            started = trio.current_time()
             step = SessionStep(
                 session.span_session, message.hidden, message.attention_mask, message.prompts, message.position
             )
@@ -379,6 +383,7 @@ class SpanServer:
             pushed = bool(message.push_to) and await self._push(message, output)
             with trio.fail_after(WRITE_TIMEOUT):
                 await session.send(StepResult(message.step, output, pushed))
+            self.metrics.step_served(message, trio.current_time() - started, pushed)
 
     async def _push(self, step: Step, output: torch.Tensor) -> bool:
         """Send `output` on to the next server's session; False if that failed (the client then sends it)."""
@@ -550,6 +555,7 @@ def _reply(request: ForwardRequest, result) -> ForwardResult | BackwardResult:
 
 async def _send_error(target, code: str, reason: str) -> None:
     """Best effort (the peer may already be gone); `target` is a stream or a LiveSession."""
+    count_error(target.stream if isinstance(target, LiveSession) else target, code)
     with trio.move_on_after(WRITE_TIMEOUT):
         try:
             if isinstance(target, LiveSession):
