@@ -73,7 +73,8 @@ def print_status(initial_peers: list[str], model: str | None, as_json: bool) -> 
         for peer_id, e in sorted(info["servers"].items(), key=lambda item: (item[1].start, item[0])):
             print(
                 f"  {peer_id}  blocks {e.start:>3}:{e.end:<3} {e.state:<8} {e.throughput:8.1f} blocks*steps/s  "
-                f"cache {e.cache_tokens_left:>7} tokens free  {e.quant:<4}  expires in {e.expires_at - now:4.0f} s"
+                f"cache {e.cache_tokens_left:>7} tokens free  {e.quant:<4}  {e.reachability:<8} "
+                f"expires in {e.expires_at - now:4.0f} s"
             )
         if info["unread"]:
             print(f"  ?? the swarm did not answer for blocks {_ranges(info['unread'])}: try again")

@@ -1,0 +1,105 @@
+"""Home networks behind NAT, in network namespaces: for the NAT tests and `scripts/bench --targets relay`.
+
+    public (198.51.100.1 on lo)  --veth--  router-i (203.0.113.<4i+2>)  --veth--  home-i (10.0.i.2)
+                                           nftables: masquerade out of the WAN
+                                           side, drop new connections into it
+
+`public` holds the nodes everyone can dial (bootstrap, relays, clients); each home holds a server. Nothing routes
+to 10.0.0.0/8 from `public`, and a router forwards inbound only what belongs to a connection a home host opened, as
+a home router does. Namespaces are `petalbench-<pid>-nat-<name>` (so `scripts/netemu.remove_leftovers` and
+`owned_netns` see them) and are removed on exit with every process still inside them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+from scripts.netemu import NETNS_PREFIX, _ip, _kill_netns_processes, list_netns, require_root_and_netns
+
+PUBLIC_IP = "198.51.100.1"
+
+ROUTER_RULES = """
+table ip petal_nat {
+    chain postrouting { type nat hook postrouting priority srcnat; oifname "wan" masquerade; }
+    chain forward {
+        type filter hook forward priority filter; policy accept;
+        iifname "wan" ct state established,related accept
+        iifname "wan" drop
+    }
+}
+"""
+
+
+class NatNetwork:
+    """`public` and `homes` home networks, each behind its own masquerading router."""
+
+    def __init__(self, homes: int):
+        self.tag = f"{os.getpid()}-nat"
+        names = ["public"] + [f"router{i}" for i in range(homes)] + [f"home{i}" for i in range(homes)]
+        self.netns = {name: f"{NETNS_PREFIX}{self.tag}-{name}" for name in names}
+        self.homes = homes
+
+    def home_ip(self, i: int) -> str:
+        return f"10.0.{i}.2"
+
+    def router_ip(self, i: int) -> str:
+        return f"203.0.113.{4 * i + 2}"
+
+    def __enter__(self) -> NatNetwork:
+        require_root_and_netns()
+        if shutil.which("nft") is None:
+            raise RuntimeError("the NAT emulation needs nftables (Debian's `nftables`; scripts/setup installs it)")
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def command(self, name: str, argv: list[str]) -> list[str]:
+        """`argv` run inside namespace `name` (`ip netns exec` execs, so the PID is the command's)."""
+        return ["ip", "netns", "exec", self.netns[name], *argv]
+
+    def _build(self) -> None:
+        for netns in self.netns.values():
+            _ip("netns", "add", netns)
+            _ip("-n", netns, "link", "set", "lo", "up")
+        public = self.netns["public"]
+        _ip("-n", public, "addr", "add", f"{PUBLIC_IP}/32", "dev", "lo")
+        for i in range(self.homes):
+            router, home = self.netns[f"router{i}"], self.netns[f"home{i}"]
+            wan_gateway = f"203.0.113.{4 * i + 1}"
+            _ip("-n", public, "link", "add", f"isp{i}", "type", "veth", "peer", "name", "wan", "netns", router)
+            _ip("-n", public, "addr", "add", f"{wan_gateway}/30", "dev", f"isp{i}")
+            _ip("-n", public, "link", "set", f"isp{i}", "up")
+            _ip("-n", router, "addr", "add", f"{self.router_ip(i)}/30", "dev", "wan")
+            _ip("-n", router, "link", "set", "wan", "up")
+            _ip("-n", router, "route", "add", "default", "via", wan_gateway)
+            _ip("-n", router, "link", "add", "lan", "type", "veth", "peer", "name", "eth0", "netns", home)
+            _ip("-n", router, "addr", "add", f"10.0.{i}.1/24", "dev", "lan")
+            _ip("-n", router, "link", "set", "lan", "up")
+            _ip("-n", home, "addr", "add", f"{self.home_ip(i)}/24", "dev", "eth0")
+            _ip("-n", home, "link", "set", "eth0", "up")
+            _ip("-n", home, "route", "add", "default", "via", f"10.0.{i}.1")
+            _run(self.command(f"router{i}", ["sysctl", "-qw", "net.ipv4.ip_forward=1"]))
+            _run(self.command(f"router{i}", ["nft", "-f", "-"]), stdin=ROUTER_RULES)
+
+    def close(self) -> None:
+        existing = list_netns()
+        for netns in self.netns.values():
+            if netns in existing:
+                _kill_netns_processes(netns)
+        for netns in self.netns.values():
+            if netns in existing:
+                _ip("netns", "del", netns)  # its veth ends go with it
+
+
+def _run(argv: list[str], stdin: str | None = None) -> None:
+    result = subprocess.run(argv, input=stdin, capture_output=True, text=True)
+    if result.returncode:
+        raise RuntimeError(f"{' '.join(argv)}: {result.stderr.strip()}")
