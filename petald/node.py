@@ -77,6 +77,7 @@ async def run_server(config: NodeConfig) -> None:
         trio.open_nursery() as relays,
     ):
         host.set_stream_handler(BANDWIDTH_PROTOCOL, handle_bandwidth_probe)
+        log.info("listening on %s", " ".join(host.listening_addrs()))
         reachability = await _learn_reachability(host, config, relays)
         addrs = host.relayed_addrs or _public_addrs(full_addrs(host), config.public_host)
         _print_addrs(addrs)

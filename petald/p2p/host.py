@@ -45,7 +45,7 @@ from libp2p.tools.anyio_service import background_trio_service
 from multiaddr import Multiaddr
 
 from petald.p2p.reachability import DialBackService
-from petald.p2p.relay import RelayPolicy, RelayService, Reservations, StopService, circuit_dialer, is_relayed
+from petald.p2p.relay import CIRCUIT, RelayPolicy, RelayService, Reservations, StopService, circuit_dialer, is_relayed
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +161,7 @@ class PetalHost(BasicHost):
         self.dial_back = DialBackService(self)
         self._circuits = circuit_dialer(self, CircuitV2Protocol(self))
         self._relayed_dials: dict[ID, trio.Lock] = {}
+        self.reached_through_relay: set[ID] = set()  # peers whose last connection from here went through a relay
         self.circuits: StopService | None = None  # set by open_host once it runs
 
     def get_addrs(self) -> list[Multiaddr]:
@@ -175,6 +176,9 @@ class PetalHost(BasicHost):
 
     async def connect(self, peer_info: PeerInfo) -> None:
         peer = peer_info.peer_id
+        known = self.get_network().get_connections(peer)
+        if known and all(conn.is_closed for conn in known):
+            await self.disconnect(peer)  # py-libp2p keeps a dead connection listed, and would not dial again
         relayed = [a for a in peer_info.addrs if is_relayed(str(a))]
         if self.get_network().get_connections(peer) or not relayed:
             await super().connect(peer_info)
@@ -184,6 +188,7 @@ class PetalHost(BasicHost):
         if direct:
             try:
                 await super().connect(PeerInfo(peer, direct))
+                self.reached_through_relay.discard(peer)
                 return
             except Exception as e:  # noqa: BLE001 - any direct failure: the relay is the way
                 logger.debug("direct dial of %s failed (%r); dialling through its relay", peer, e)
@@ -193,8 +198,11 @@ class PetalHost(BasicHost):
                 return
             failures = []
             for addr in relayed:
+                if str(addr).endswith(CIRCUIT):  # the peerstore's form: the relay's address and /p2p-circuit
+                    addr = addr.encapsulate(Multiaddr(f"/p2p/{peer}"))
                 try:
                     await self._circuits.dial(addr)
+                    self.reached_through_relay.add(peer)
                     logger.debug("connected to %s through %s", peer, addr)
                     return
                 except Exception as e:  # noqa: BLE001 - next relay
