@@ -56,7 +56,8 @@ class RelayPolicy:
     max_reservations: int = 128
     reservation_ttl_s: int = 600
     max_circuits: int = 256
-    max_circuits_per_peer: int = 16  # from one source, and to one destination
+    max_circuits_per_source: int = 4  # a client needs one per relayed server it uses
+    max_circuits_per_destination: int = 32  # so sources flooding one server cannot take all of its circuits
     circuit_duration_s: int = 3600
     circuit_bytes: int = 1 << 30
     max_hop_streams_per_peer: int = 8  # HOP streams open at once from one peer
@@ -65,7 +66,7 @@ class RelayPolicy:
         return RelayLimits(
             duration=self.circuit_duration_s,
             data=self.circuit_bytes,
-            max_circuit_conns=self.max_circuits_per_peer,
+            max_circuit_conns=self.max_circuits_per_destination,
             max_reservations=self.max_reservations,
             reservation_ttl=self.reservation_ttl_s,
         )
@@ -75,8 +76,8 @@ def admit_circuit(policy: RelayPolicy, total: int, from_source: int, to_destinat
     """Whether one more circuit fits, counting the circuits open or being opened (STOP exchange under way)."""
     return (
         total < policy.max_circuits
-        and from_source < policy.max_circuits_per_peer
-        and to_destination < policy.max_circuits_per_peer
+        and from_source < policy.max_circuits_per_source
+        and to_destination < policy.max_circuits_per_destination
     )
 
 
@@ -128,9 +129,6 @@ class RelayService(StopService):
     @property
     def open_circuits(self) -> int:
         return sum(self._from.values())
-
-    def reservations(self) -> int:
-        return sum(1 for p in self.resource_manager._reservations if self._connected(p))
 
     def _connected(self, peer: ID) -> bool:
         return bool(self.host.get_network().get_connections(peer))
