@@ -20,16 +20,52 @@ from scripts.netemu import NETNS_PREFIX, _ip, _kill_netns_processes, list_netns,
 
 PUBLIC_IP = "198.51.100.1"
 
-ROUTER_RULES = """
-table ip petal_nat {
-    chain postrouting { type nat hook postrouting priority srcnat; oifname "wan" masquerade; }
-    chain forward {
+
+def router_rules(wan: str, forward: tuple[int, str] | None = None) -> str:
+    """nftables rules of a home router whose WAN side is device `wan`; `forward` = (port, home ip): a port
+    forwarded to a home host (what a volunteer would have to configure; the benchmark's direct case)."""
+    prerouting = ""
+    if forward is not None:
+        port, home_ip = forward
+        prerouting = f'chain prerouting {{ type nat hook prerouting priority dstnat; iifname "{wan}" '
+        prerouting += f"tcp dport {port} dnat to {home_ip}; }}"
+    return f"""
+table ip petal_nat {{
+    {prerouting}
+    chain postrouting {{ type nat hook postrouting priority srcnat; oifname "{wan}" masquerade; }}
+    chain forward {{
         type filter hook forward priority filter; policy accept;
-        iifname "wan" ct state established,related accept
-        iifname "wan" drop
-    }
-}
+        iifname "{wan}" ct state established,related accept
+        iifname "{wan}" ct status dnat accept
+        iifname "{wan}" drop
+    }}
+}}
 """
+
+
+def put_home_behind(router_netns: str, wan: str, home_netns: str, index: int) -> str:
+    """Make `home_netns` a home network behind `router_netns` (LAN 10.0.<index>.0/24, masquerading out of `wan`,
+    dropping new inbound connections); returns the home host's address."""
+    lan, home_ip = f"10.0.{index}.1", f"10.0.{index}.2"
+    _ip("-n", router_netns, "link", "add", "lan", "type", "veth", "peer", "name", "eth0", "netns", home_netns)
+    _ip("-n", router_netns, "addr", "add", f"{lan}/24", "dev", "lan")
+    _ip("-n", router_netns, "link", "set", "lan", "up")
+    _ip("-n", home_netns, "link", "set", "lo", "up")
+    _ip("-n", home_netns, "addr", "add", f"{home_ip}/24", "dev", "eth0")
+    _ip("-n", home_netns, "link", "set", "eth0", "up")
+    _ip("-n", home_netns, "route", "add", "default", "via", lan)
+    _run(["ip", "netns", "exec", router_netns, "sysctl", "-qw", "net.ipv4.ip_forward=1"])
+    set_router_rules(router_netns, router_rules(wan))
+    return home_ip
+
+
+def set_router_rules(router_netns: str, rules: str) -> None:
+    """Replace the router's rules (the table is created empty first, so deleting it always works)."""
+    _run(
+        ["ip", "netns", "exec", router_netns, "nft", "-f", "-"],
+        stdin="table ip petal_nat {}\ndelete table ip petal_nat\n",
+    )
+    _run(["ip", "netns", "exec", router_netns, "nft", "-f", "-"], stdin=rules)
 
 
 class NatNetwork:
@@ -80,14 +116,7 @@ class NatNetwork:
             _ip("-n", router, "addr", "add", f"{self.router_ip(i)}/30", "dev", "wan")
             _ip("-n", router, "link", "set", "wan", "up")
             _ip("-n", router, "route", "add", "default", "via", wan_gateway)
-            _ip("-n", router, "link", "add", "lan", "type", "veth", "peer", "name", "eth0", "netns", home)
-            _ip("-n", router, "addr", "add", f"10.0.{i}.1/24", "dev", "lan")
-            _ip("-n", router, "link", "set", "lan", "up")
-            _ip("-n", home, "addr", "add", f"{self.home_ip(i)}/24", "dev", "eth0")
-            _ip("-n", home, "link", "set", "eth0", "up")
-            _ip("-n", home, "route", "add", "default", "via", f"10.0.{i}.1")
-            _run(self.command(f"router{i}", ["sysctl", "-qw", "net.ipv4.ip_forward=1"]))
-            _run(self.command(f"router{i}", ["nft", "-f", "-"]), stdin=ROUTER_RULES)
+            put_home_behind(router, "wan", home, i)
 
     def close(self) -> None:
         existing = list_netns()
