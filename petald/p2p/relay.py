@@ -213,7 +213,8 @@ class RelayService(StopService):
                 return
             await self._send_status(stream, StatusCode.OK, "", limit=limit)
             logger.debug("circuit %s -> %s open", source, destination)
-            await self._join(stream, destination_stream)
+            carried = await self._join(stream, destination_stream)
+            logger.info("circuit %s -> %s closed: relayed %d bytes", source, destination, carried)
         finally:
             self._from[source] -= 1
             self._to[destination] -= 1
@@ -224,13 +225,15 @@ class RelayService(StopService):
                 if s is not None:
                     await s.reset()
 
-    async def _join(self, a: INetStream, b: INetStream) -> None:
-        """Copy both ways until either side ends, the circuit's duration passes or its bytes are spent."""
+    async def _join(self, a: INetStream, b: INetStream) -> int:
+        """Copy both ways until either side ends, the circuit's duration passes or its bytes are spent; the bytes
+        carried."""
         budget = [self.policy.circuit_bytes]
         with trio.move_on_after(self.policy.circuit_duration_s):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._copy, a, b, budget, nursery.cancel_scope)
                 nursery.start_soon(self._copy, b, a, budget, nursery.cancel_scope)
+        return self.policy.circuit_bytes - budget[0]
 
     async def _copy(self, src: INetStream, dst: INetStream, budget: list[int], circuit: trio.CancelScope) -> None:
         try:
@@ -238,12 +241,12 @@ class RelayService(StopService):
                 data = await src.read(READ_CHUNK)
                 if not data:
                     return
-                budget[0] -= len(data)
-                if budget[0] < 0:
+                if len(data) > budget[0]:
                     logger.info("a circuit used its %d bytes; closing it", self.policy.circuit_bytes)
                     return
                 with trio.fail_after(WRITE_TIMEOUT_S):
                     await dst.write(data)
+                budget[0] -= len(data)
                 self.bytes_relayed += len(data)
         except Exception as e:  # noqa: BLE001 - EOF, reset or a stuck reader end the circuit
             logger.debug("circuit ended: %r", e)
