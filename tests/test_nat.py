@@ -12,7 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 from libp2p.crypto.ed25519 import create_new_key_pair
 
@@ -20,6 +19,7 @@ from petal_client.model import DistributedModelForCausalLM
 from petald.local_swarm import NodeProcess, wait_until
 from petald.p2p.host import peer_id_of, write_identity
 from scripts.natemu import PUBLIC_IP, NatNetwork
+from scripts.netemu import require_root_and_netns
 
 FAST = ["--throughput", "100", "--heartbeat", "2", "--expiry", "6", "--port", "0"]
 PROMPT = [3, 14, 15, 92, 65, 35]
@@ -61,6 +61,7 @@ def status(net: NatNetwork, peer: str) -> dict:
 
 
 def test_servers_behind_two_nats_serve_through_relays_and_a_session_survives_a_relay_dying(tiny_llama, tmp_path):
+    require_root_and_netns()  # fails with what is missing: this test needs root and `ip netns`, as in CI
     env = {**os.environ, "PETAL_HOME": str(tmp_path / "home"), "PYTHONPATH": str(ROOT)}
     nodes: list[NodeProcess] = []
     with NatNetwork(homes=2) as net:
@@ -85,7 +86,7 @@ def test_servers_behind_two_nats_serve_through_relays_and_a_session_survives_a_r
                 relay.wait_for(r"DHT node \w+ ready", 60)
             model = str(tiny_llama)
             home = ["--model", model, "--initial-peers", a, b, "--relay-peers", a, *FAST]
-            first = start("home0", "start", "--blocks", "0:3", "--host", net.home_ip(0), *home)
+            first = start("home0", "start", "--blocks", "0:3", "--host", "0.0.0.0", *home)  # as in the README
             last = start("home1", "start", "--blocks", "3:6", "--host", net.home_ip(1), *home)
             for server in (first, last):
                 server.wait_for(r"reachability: private")
@@ -140,7 +141,14 @@ def test_servers_behind_two_nats_serve_through_relays_and_a_session_survives_a_r
                 node.kill()
 
 
-@pytest.fixture(autouse=True)
-def _needs_root() -> None:
-    if os.geteuid() != 0:
-        pytest.fail("the NAT tests need root (network namespaces and nftables), as in CI")
+def test_the_readme_nat_commands_parse(monkeypatch):
+    """The README's NAT block uses only flags petald has (the flow itself is the test above, on the tiny model)."""
+    from petald import cli
+    from tests.test_readme import readme_commands
+
+    seen = []
+    monkeypatch.setattr(cli, "_run_node", lambda args: seen.append(args.command) or 0)
+    monkeypatch.setattr("petald.status.print_status", lambda *args: seen.append("status") or 0)
+    for argv in readme_commands("Behind a home router (NAT)"):
+        assert argv[0] == "petald" and cli.main(argv[1:]) == 0
+    assert seen == ["dht", "start", "status"]
