@@ -50,6 +50,7 @@ STOP_ANNOUNCE_TIMEOUT = 10.0
 # Longest wait at start for the reachability check, and behind NAT for a first relay reservation.
 REACHABILITY_TIMEOUT = 20.0
 FIRST_RESERVATION_TIMEOUT = 30.0
+IDENTIFY_WAIT = 5.0
 
 
 async def run_dht_node(config: NodeConfig) -> None:
@@ -144,8 +145,9 @@ async def _learn_reachability(host: PetalHost, config: NodeConfig, relays: trio.
                 await connect(host, addr)
             except Exception as e:  # the DHT bootstrap says which peers are unreachable
                 log.debug("reachability: initial peer %s: %r", addr, e)
-        while not any(serves_dial_back(host, p) for p in host.get_connected_peers()):
-            await trio.sleep(0.1)  # identify tells which peers answer dial-backs, soon after connecting
+        with trio.move_on_after(IDENTIFY_WAIT):  # identify tells which peers answer dial-backs, soon after connecting
+            while host.get_connected_peers() and not any(serves_dial_back(host, p) for p in host.get_connected_peers()):
+                await trio.sleep(0.1)
         listening = _public_addrs(full_addrs(host), config.public_host)
         reachability = await check_reachability(host.dial_back, [Multiaddr(a) for a in listening])
     log.info("reachability: %s", reachability)

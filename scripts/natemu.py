@@ -4,9 +4,9 @@
                                            nftables: masquerade out of the WAN
                                            side, drop new connections into it
 
-`public` holds the nodes everyone can dial (bootstrap, relays, clients); each home holds a server. Nothing routes
-to 10.0.0.0/8 from `public`, and a router forwards inbound only what belongs to a connection a home host opened, as
-a home router does. Namespaces are `petalbench-<pid>-nat-<name>` (so `scripts/netemu.remove_leftovers` and
+`public` holds the nodes everyone can dial (bootstrap, relays, clients) and routes between the routers; each home
+holds a server. Nothing routes to 10.0.0.0/8 from `public`, and a router lets in only what belongs to a connection
+a home host opened (unsolicited packets are dropped, not refused), as a home router does. Namespaces are `petalbench-<pid>-nat-<name>` (so `scripts/netemu.remove_leftovers` and
 `owned_netns` see them) and are removed on exit with every process still inside them.
 """
 
@@ -33,6 +33,11 @@ def router_rules(wan: str, forward: tuple[int, str] | None = None) -> str:
 table ip petal_nat {{
     {prerouting}
     chain postrouting {{ type nat hook postrouting priority srcnat; oifname "{wan}" masquerade; }}
+    chain input {{
+        type filter hook input priority filter; policy accept;
+        iifname "{wan}" ct state established,related accept
+        iifname "{wan}" drop
+    }}
     chain forward {{
         type filter hook forward priority filter; policy accept;
         iifname "{wan}" ct state established,related accept
@@ -107,6 +112,7 @@ class NatNetwork:
             _ip("-n", netns, "link", "set", "lo", "up")
         public = self.netns["public"]
         _ip("-n", public, "addr", "add", f"{PUBLIC_IP}/32", "dev", "lo")
+        _run(self.command("public", ["sysctl", "-qw", "net.ipv4.ip_forward=1"]))  # the internet: routers reach each other
         for i in range(self.homes):
             router, home = self.netns[f"router{i}"], self.netns[f"home{i}"]
             wan_gateway = f"203.0.113.{4 * i + 1}"

@@ -45,7 +45,16 @@ from libp2p.tools.anyio_service import background_trio_service
 from multiaddr import Multiaddr
 
 from petald.p2p.reachability import DialBackService
-from petald.p2p.relay import CIRCUIT, RelayPolicy, RelayService, Reservations, StopService, circuit_dialer, is_relayed
+from petald.p2p.relay import (
+    CIRCUIT,
+    HolePunching,
+    RelayPolicy,
+    RelayService,
+    Reservations,
+    StopService,
+    circuit_dialer,
+    is_relayed,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -165,9 +174,10 @@ class PetalHost(BasicHost):
         self.circuits: StopService | None = None  # set by open_host once it runs
 
     def get_addrs(self) -> list[Multiaddr]:
-        # BasicHost's would cut a relayed address at its first /p2p/ (the relay's id) and append ours
+        # BasicHost's would cut a relayed address at its first /p2p/ (the relay's id) and append ours; and it adds
+        # identify's observed addresses, which are ports nobody listens on (hole punching reads them itself)
         if self.relayed_addrs is None:
-            return super().get_addrs()
+            return [a.encapsulate(Multiaddr(f"/p2p/{self.get_id()}")) for a in self.get_transport_addrs()]
         return [Multiaddr(a) for a in self.relayed_addrs]
 
     def listening_addrs(self) -> list[str]:
@@ -235,8 +245,7 @@ def make_host(key_pair: KeyPair) -> PetalHost:
         connection_config=ConnectionConfig(max_connections_per_peer=1),
         resource_manager=resources,
     )
-    # Observed addresses (identify) of a node behind NAT are its router's, at a port nobody can dial.
-    return PetalHost(swarm, resource_manager=resources, disable_identify_address_discovery=True)
+    return PetalHost(swarm, resource_manager=resources)
 
 
 def listen_addrs(listen: list[Multiaddr] | tuple[str, int]) -> list[Multiaddr]:
@@ -290,7 +299,12 @@ async def open_host(
     """
     host = make_host(key_pair)
     circuits = StopService(host, host.reservations) if relay is None else RelayService(host, host.reservations, relay)
-    async with unwrapped_groups(), host.run(listen_addrs=listen_addrs(listen)), background_trio_service(circuits):
+    async with (
+        unwrapped_groups(),
+        host.run(listen_addrs=listen_addrs(listen)),
+        background_trio_service(circuits),
+        background_trio_service(HolePunching(host)),
+    ):
         await circuits.event_started.wait()
         host.circuits = circuits
         yield host

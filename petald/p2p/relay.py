@@ -5,6 +5,8 @@
 - A node behind NAT runs `StopService` (it accepts circuits only from relays where it holds a reservation) and
   `Reservations`, which reserves at relays, renews, notices a relay that is gone and reserves elsewhere. Its
   relayed addresses are ``<relay addr>/p2p/RELAY/p2p-circuit/p2p/ME``.
+- Every node runs `HolePunching` (py-libp2p's DCUtR): a relayed connection is replaced by a direct one where both
+  NATs let a simultaneous TCP open through, and stays relayed where not.
 - Any node dials such an address with `circuit_dialer` (py-libp2p's ``CircuitV2Transport``, not as a
   reservation client); `petald.p2p.host.PetalHost.connect` uses it when a peer has only relayed addresses.
 
@@ -30,6 +32,7 @@ from libp2p.abc import IHost, INetStream
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
+from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
 from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage, Limit, StopMessage
 from libp2p.relay.circuit_v2.pb.circuit_pb2 import PeerId as CircuitPeerId
 from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL_ID
@@ -252,6 +255,36 @@ class RelayService(StopService):
             logger.debug("circuit ended: %r", e)
         finally:
             circuit.cancel()
+
+
+class HolePunching(DCUtRProtocol):
+    """py-libp2p's DCUtR (``/libp2p/dcutr``): every 2 s it tries to replace each relayed connection by a direct one
+    (a simultaneous TCP dial from both listening ports, at the addresses the relay saw), and closes the relayed one
+    once the direct one works; after 5 failed attempts a peer stays relayed. This subclass says which, once per
+    peer, in the node's log."""
+
+    def __init__(self, host: IHost) -> None:
+        super().__init__(host)
+        self.outcome: dict[ID, bool] = {}
+
+    async def _get_observed_addrs(self) -> list[bytes]:
+        # the addresses a punch may use are the listening ones (and the relay's view of them), not the relayed
+        # ones the host advertises behind NAT; the body makes no await, so nothing else sees the swap
+        relayed, self.host.relayed_addrs = self.host.relayed_addrs, None
+        try:
+            return await super()._get_observed_addrs()
+        finally:
+            self.host.relayed_addrs = relayed
+
+    async def initiate_hole_punch(self, peer_id: ID) -> bool:
+        direct = await super().initiate_hole_punch(peer_id)
+        if self.outcome.get(peer_id) != direct:
+            self.outcome[peer_id] = direct
+            if direct:
+                logger.info("connection to %s is direct now (hole punched); the relayed one closes", peer_id)
+            else:
+                logger.info("hole punching to %s failed; the connection stays relayed", peer_id)
+        return direct
 
 
 def circuit_dialer(host: IHost, protocol: CircuitV2Protocol) -> CircuitV2Transport:
