@@ -6,8 +6,9 @@
 
 `public` holds the nodes everyone can dial (bootstrap, relays, clients) and routes between the routers; each home
 holds a server. Nothing routes to 10.0.0.0/8 from `public`, and a router lets in only what belongs to a connection
-a home host opened (unsolicited packets are dropped, not refused), as a home router does. Namespaces are `petalbench-<pid>-nat-<name>` (so `scripts/netemu.remove_leftovers` and
-`owned_netns` see them) and are removed on exit with every process still inside them.
+a home host opened (unsolicited packets are dropped, not refused), as a home router does. Namespaces are
+`petalbench-<pid>-nat-<name>` (so `scripts/netemu.remove_leftovers` and `owned_netns` see them) and are removed on
+exit with every process still inside them.
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ class NatNetwork:
             _ip("-n", netns, "link", "set", "lo", "up")
         public = self.netns["public"]
         _ip("-n", public, "addr", "add", f"{PUBLIC_IP}/32", "dev", "lo")
-        _run(self.command("public", ["sysctl", "-qw", "net.ipv4.ip_forward=1"]))  # the internet: routers reach each other
+        _run(self.command("public", ["sysctl", "-qw", "net.ipv4.ip_forward=1"]))  # the internet: routers reach routers
         for i in range(self.homes):
             router, home = self.netns[f"router{i}"], self.netns[f"home{i}"]
             wan_gateway = f"203.0.113.{4 * i + 1}"

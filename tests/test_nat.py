@@ -74,16 +74,16 @@ def test_servers_behind_two_nats_serve_through_relays_and_a_session_survives_a_r
             return node
 
         try:
-            # both relays at once, at addresses known in advance (their own namespace: fixed ports are free)
+            # relay A first (B joins the swarm through it), at addresses known in advance: their own namespace
             relay_a, a = start_relay(tmp_path / "a.key", RELAY_PORTS[0], start)
-            relay_b, b = start_relay(tmp_path / "b.key", RELAY_PORTS[1], start, a)
             expected = (
                 DistributedModelForCausalLM.from_local_spans(str(tiny_llama), [(0, 6)])
                 .generate(torch.tensor([PROMPT]), max_new_tokens=NEW_TOKENS, eos_token_id=None)[0]
                 .tolist()
             )
-            for relay in (relay_a, relay_b):
-                relay.wait_for(r"DHT node \w+ ready", 60)
+            relay_a.wait_for(r"DHT node \w+ ready", 60)
+            relay_b, b = start_relay(tmp_path / "b.key", RELAY_PORTS[1], start, a)
+            relay_b.wait_for(r"DHT node \w+ ready", 60)
             model = str(tiny_llama)
             home = ["--model", model, "--initial-peers", a, b, "--relay-peers", a, *FAST]
             first = start("home0", "start", "--blocks", "0:3", "--host", "0.0.0.0", *home)  # as in the README
