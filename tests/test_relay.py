@@ -202,3 +202,30 @@ async def _floods() -> None:
             await stream.write(b"still")
             assert await stream.read(100) == b"echo:still"
         nursery.cancel_scope.cancel()
+
+
+def test_garbage_on_the_relay_and_dial_back_protocols_leaves_the_relay_serving():
+    trio.run(_garbage)
+
+
+async def _garbage() -> None:
+    from libp2p.host.autonat.autonat import AUTONAT_PROTOCOL_ID
+
+    junk = [b"", b"\x00", b"\xff" * 10, b"\x05hello", encode_varint_prefixed(b"\x08\x63" * 100), bytes(range(256))]
+    async with (
+        open_host(create_new_key_pair(), LOOPBACK, relay=RelayPolicy()) as relay,
+        open_host(create_new_key_pair(), LOOPBACK) as peer,
+    ):
+        await peer.connect(PeerInfo(relay.get_id(), relay.get_transport_addrs()))
+        with trio.fail_after(60):
+            for protocol in (HOP, STOP, AUTONAT_PROTOCOL_ID):
+                for data in junk:
+                    stream = await peer.new_stream(relay.get_id(), [protocol])
+                    try:  # the relay may answer, close or reset: anything but stopping
+                        await stream.write(data)
+                        await stream.close()
+                        await stream.read(1024)
+                    except Exception:
+                        pass
+            answer = await _hop(peer, relay.get_id(), HopMessage(type=HopMessage.RESERVE))
+        assert answer is not None and answer.status == StatusCode.OK
