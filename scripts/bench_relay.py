@@ -26,6 +26,7 @@ SERVER_PORT = 31330
 RELAY_PORT = 31331
 CASES = ("direct", "relayed")
 MARKS = "<!-- bench_relay:start -->", "<!-- bench_relay:end -->"
+BUSY = 0.25  # as scripts/bench: cores used by other processes past which a run on 2 cores says little
 
 
 def measure_relay(model_dir: Path, conditions, plan, work: Path, measure_in, note) -> list[dict]:
@@ -126,7 +127,8 @@ def report(results: dict) -> str:
             f"- command: `{results['command']}` (checkout {results.get('checkout', 'not recorded')})",
             f"- date: {results['date']}",
             f"- machine: {results['machine']}",
-            f"- other processes on the machine kept {results['other_load']:.2f} cores busy on average during the run",
+            f"- other processes on the machine kept {results['other_load']:.2f} cores busy on average during the run"
+            + (" — **too busy: run it again on a quiet machine**" if results["other_load"] > BUSY else ""),
             f"- versions: {results['versions']}",
         ]
     )
