@@ -256,8 +256,13 @@ class RemoteInferenceSession:
         """Ban the failed server, route its blocks anew and replay their history to the new servers."""
         failed = self.route[position]
         await failed.close()
-        log.warning("%s; routing blocks %d:%d around it", failure, failed.hop.start, failed.hop.end)
-        self.failures.record(failure)
+        # a relayed connection that broke may be the relay's failure, not the server's: it is not banned, and is
+        # dialled again (through another relay); if the server is gone that dial fails at once, and bans it
+        relayed = self.swarm.reached_through_relay(failed.hop.peer_id)
+        log.warning(
+            "%s; routing blocks %d:%d %s", failure, failed.hop.start, failed.hop.end, "anew" if relayed else "around it"
+        )
+        self.failures.record(failure, ban=not relayed)
         while True:
             replacement = await self._open_route(failed.hop.start, failed.hop.end)
             try:

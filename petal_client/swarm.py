@@ -192,11 +192,12 @@ class FailureCount:
     def __init__(self, banned: BanList, limit: int):
         self.banned, self.limit, self.failures = banned, limit, 0
 
-    def record(self, failure: ServerFailure) -> None:
+    def record(self, failure: ServerFailure, ban: bool = True) -> None:
         self.failures += 1
         if self.failures > self.limit:
             raise PetalError(f"gave up after {self.limit} server failures; last: {failure}") from failure
-        self.banned.ban(failure.peer_id)
+        if ban:
+            self.banned.ban(failure.peer_id)
 
 
 class Swarm:
@@ -466,6 +467,10 @@ class Swarm:
         if not isinstance(reply, ServerInfo):
             raise SwarmError(f"server {server.peer_id} answered a ping with {reply}")
         return reply
+
+    def reached_through_relay(self, peer_id: str) -> bool:
+        """Whether this client's last connection to the server went through a relay (the server is behind NAT)."""
+        return ID.from_base58(peer_id) in self.host.reached_through_relay
 
     async def open_stream(self, server: ServerStatus | ServerEntry, protocol: str):
         """A new stream to `server`, connecting first if needed."""

@@ -70,6 +70,8 @@ NODE_OPTIONS_HELP = {
     "identity": "Ed25519 identity file (created if missing)",
     "initial_peers": "multiaddrs of swarm peers to join through",
     "new_swarm": "start a new swarm instead of joining one",
+    "relay": "offer circuit relay v2 reservations (bounded) to nodes behind NAT; for publicly reachable nodes",
+    "relay_peers": "behind NAT: relays (multiaddrs) to reserve at first; others are found in the swarm",
     "quant": "quantize the span's Linear layers: none, int8 or nf4",
     "adapters": "LoRA adapters to serve, each NAME=PATH (a peft adapter directory); clients pick one by name",
     "max_cache_tokens": "KV cache budget in tokens (batch x length)",

@@ -37,6 +37,8 @@ class NodeConfig:
     identity: Path | None = None  # Ed25519 key file; created (0600) if missing; none = new identity each run
     initial_peers: list[str] = field(default_factory=list)  # multiaddrs of peers to join through
     new_swarm: bool = False  # start a swarm of one instead of joining
+    relay: bool = False  # offer circuit relay v2 reservations to nodes behind NAT (a public node)
+    relay_peers: list[str] = field(default_factory=list)  # relays to reserve at first when behind NAT
     quant: str = "none"  # none | int8 | nf4
     adapters: list[str] = field(default_factory=list)  # LoRA adapters to serve, as NAME=PATH (peft directories)
     max_cache_tokens: int = 16384  # KV cache budget, in tokens (batch x length), for the whole span

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 import trio
+from multiaddr import Multiaddr
 
 import petald
 from petald.config import ConfigError, NodeConfig
@@ -23,7 +24,9 @@ from petald.metrics import NodeMetrics, serving_metrics
 from petald.models.loading import check_span, load_config, num_blocks
 from petald.p2p.bandwidth import BANDWIDTH_PROTOCOL, handle_bandwidth_probe, measure_bandwidth
 from petald.p2p.dht import ServerEntry, ServerState, SwarmDHT, open_swarm_dht
-from petald.p2p.host import full_addrs, load_or_create_identity, open_host, peer_id_of
+from petald.p2p.host import PetalHost, connect, full_addrs, load_or_create_identity, open_host, peer_id_of
+from petald.p2p.reachability import Reachability, check_reachability, serves_dial_back
+from petald.p2p.relay import RelayPolicy
 from petald.p2p.swarm_map import current_entries, serving
 from petald.serving.adapters import load_lora_adapter
 from petald.serving.balance import SpanInfo, choose_span, move_candidates, should_move
@@ -47,12 +50,16 @@ log = logging.getLogger("petald")
 SWARM_READ_TIMEOUT = 60.0
 # Longest wait for the OFFLINE announcement when the node stops.
 STOP_ANNOUNCE_TIMEOUT = 10.0
+# Longest wait at start for the reachability check, and behind NAT for a first relay reservation.
+REACHABILITY_TIMEOUT = 20.0
+FIRST_RESERVATION_TIMEOUT = 30.0
+IDENTIFY_WAIT = 5.0
 
 
 async def run_dht_node(config: NodeConfig) -> None:
     """A node that serves no blocks: a DHT peer other nodes can bootstrap through."""
     key_pair = load_or_create_identity(config.identity)
-    async with open_host(key_pair, (config.host, config.port)) as host:
+    async with open_host(key_pair, (config.host, config.port), _relay_policy(config)) as host:
         host.set_stream_handler(BANDWIDTH_PROTOCOL, handle_bandwidth_probe)
         async with open_swarm_dht(host, config.initial_peers):
             _print_addrs(full_addrs(host))
@@ -81,11 +88,17 @@ async def run_server(config: NodeConfig) -> None:
 async def _serve(
     config: NodeConfig, model_dir: Path, model_name: str, total_blocks: int, key_pair, metrics: NodeMetrics
 ) -> None:
-    async with open_host(key_pair, (config.host, config.port)) as host:
-        addrs = _public_addrs(full_addrs(host), config.public_host)
+    async with (
+        open_host(key_pair, (config.host, config.port), _relay_policy(config)) as host,
+        trio.open_nursery() as relays,
+    ):
         host.set_stream_handler(BANDWIDTH_PROTOCOL, handle_bandwidth_probe)
+        log.info("listening on %s", " ".join(host.listening_addrs()))
+        reachability = await _learn_reachability(host, config, relays)
+        addrs = host.relayed_addrs or _public_addrs(full_addrs(host), config.public_host)
         _print_addrs(addrs)
-        async with open_swarm_dht(host, config.initial_peers) as dht:
+        # behind NAT nobody can dial it for DHT requests: a DHT client, like libp2p nodes that AutoNAT says are private
+        async with open_swarm_dht(host, config.initial_peers, client=reachability == Reachability.PRIVATE) as dht:
             start, end = await _choose_blocks(config, dht, model_name, total_blocks)
             key = throughput_key(str(model_dir), end - start, config.quant)
             entry = ServerEntry(
@@ -100,6 +113,7 @@ async def _serve(
                 version=petald.__version__,
                 adapters=list(config.adapter_paths()),
                 public_name=config.public_name,
+                reachability=_announced_reachability(reachability, host),
             )
             announcer = _Announcer(dht, model_name, key_pair, total_blocks, config.expiry, entry, metrics)
             await announcer.publish()  # claim the span before the (slow) load, so others pick elsewhere
@@ -112,6 +126,8 @@ async def _serve(
                 await announcer.publish(state=ServerState.ONLINE, throughput=server.throughput)
                 log.info("serving blocks %d:%d of %s at %.1f blocks*steps/s", start, end, model_name, server.throughput)
                 nursery.start_soon(_heartbeat, announcer, server, config.heartbeat)
+                if reachability == Reachability.PRIVATE:
+                    nursery.start_soon(_follow_relays, host, announcer)
                 balancing = trio.CancelScope()
                 if config.num_blocks is not None and config.balance_period > 0:  # pinned --blocks never move
                     nursery.start_soon(_keep_balanced, balancing, config, announcer, server, model_dir)
@@ -128,6 +144,57 @@ async def _serve(
                 )
                 await server.stop()
                 nursery.cancel_scope.cancel()
+        relays.cancel_scope.cancel()
+
+
+def _relay_policy(config: NodeConfig) -> RelayPolicy | None:
+    return RelayPolicy() if config.relay else None
+
+
+async def _learn_reachability(host: PetalHost, config: NodeConfig, relays: trio.Nursery) -> Reachability:
+    """Ask the initial peers to dial this node back. Behind NAT, start keeping relay reservations (in `relays`)
+    and wait for the first one, so the node announces an address peers can use."""
+    reachability = Reachability.UNKNOWN
+    with trio.move_on_after(REACHABILITY_TIMEOUT):
+        for addr in config.initial_peers:
+            try:
+                await connect(host, addr)
+            except Exception as e:  # the DHT bootstrap says which peers are unreachable
+                log.debug("reachability: initial peer %s: %r", addr, e)
+        with trio.move_on_after(IDENTIFY_WAIT):  # identify tells which peers answer dial-backs, soon after connecting
+            while host.get_connected_peers() and not any(serves_dial_back(host, p) for p in host.get_connected_peers()):
+                await trio.sleep(0.1)
+        listening = _public_addrs(full_addrs(host), config.public_host)
+        reachability = await check_reachability(host.dial_back, [Multiaddr(a) for a in listening])
+    log.info("reachability: %s", reachability)
+    if reachability != Reachability.PRIVATE:
+        return reachability
+    log.info("behind NAT or a firewall: reserving at relays")
+    host.reservations.use_relays(config.relay_peers)
+    relays.start_soon(host.reservations.keep)
+    with trio.move_on_after(FIRST_RESERVATION_TIMEOUT):
+        while not host.reservations.addrs():
+            await host.reservations.changed.wait()
+    host.relayed_addrs = host.reservations.addrs() or None
+    if host.relayed_addrs is None:
+        log.warning("no relay granted a reservation in %.0f s; still trying", FIRST_RESERVATION_TIMEOUT)
+    return reachability
+
+
+def _announced_reachability(reachability: Reachability, host: PetalHost) -> str:
+    if reachability == Reachability.PRIVATE:
+        return "relayed" if host.relayed_addrs else "private"
+    return str(reachability)
+
+
+async def _follow_relays(host: PetalHost, announcer: _Announcer) -> None:
+    """Behind NAT: whenever the reservations change (a relay died, another granted one), announce the new
+    relayed addresses."""
+    while True:
+        await host.reservations.changed.wait()
+        host.relayed_addrs = host.reservations.addrs() or None
+        addrs = host.relayed_addrs or announcer.entry.addrs
+        await announcer.publish(addrs=addrs, reachability=_announced_reachability(Reachability.PRIVATE, host))
 
 
 def check_model(config: NodeConfig) -> tuple[Path, int]:

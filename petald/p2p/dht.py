@@ -114,6 +114,7 @@ MAX_BLOCKS = 10_000
 MAX_ENTRIES_PER_VALUE = 512
 MAX_PEER_ID_LEN = 64
 MAX_ADDRS = 16
+REACHABILITIES = ("unknown", "public", "private", "relayed")
 MAX_ADDR_LEN = 256
 MAX_ADAPTERS = 32
 MAX_ADAPTER_LEN = 128
@@ -164,6 +165,8 @@ class ServerEntry:
     version: str
     adapters: list[str] = field(default_factory=list)
     public_name: str = ""  # a short display name its operator chose (check_public_name); "" for none
+    # how peers reach it: "public" (dialled back), "relayed" (behind NAT, through the relays in addrs), "unknown"
+    reachability: str = "unknown"
     updated_at: float = 0.0
     expires_at: float = 0.0
     public_key: bytes = b""
@@ -193,6 +196,9 @@ class ServerEntry:
         quant = _str(d, "quant", 8)
         if quant not in QUANTS:
             raise InvalidRecord(f"server entry quant {quant!r} is not one of {QUANTS}")
+        reachability = _str(d, "reachability", 16)
+        if reachability not in REACHABILITIES:
+            raise InvalidRecord(f"server entry reachability {reachability!r} is not one of {REACHABILITIES}")
         entry = cls(
             peer_id=_peer_id(d),
             state=ServerState(state),
@@ -205,6 +211,7 @@ class ServerEntry:
             version=_str(d, "version", MAX_VERSION_LEN),
             adapters=_str_list(d, "adapters", MAX_ADAPTERS, MAX_ADAPTER_LEN),
             public_name=check_public_name(_str(d, "public_name", MAX_PUBLIC_NAME_LEN)),
+            reachability=reachability,
             updated_at=_float(d, "updated_at", 0.0, math.inf),
             expires_at=_float(d, "expires_at", 0.0, math.inf),
             public_key=_bytes(d, "public_key", MAX_KEY_BYTES_LEN),

@@ -23,22 +23,38 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import trio
-from libp2p import new_host
-from libp2p.abc import IHost
+from libp2p import new_swarm
+from libp2p.abc import IHost, INetStream
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.keys import KeyPair, KeyType
 from libp2p.crypto.serialization import deserialize_private_key
 from libp2p.crypto.x25519 import create_new_key_pair as create_noise_key_pair
 from libp2p.custom_types import TProtocol
+from libp2p.host.basic_host import BasicHost
 from libp2p.network.config import ConnectionConfig
+from libp2p.network.exceptions import SwarmException
 from libp2p.network.stream.exceptions import StreamEOF
 from libp2p.peer.id import ID
-from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
+from libp2p.tools.anyio_service import background_trio_service
 from multiaddr import Multiaddr
+
+from petald.p2p.reachability import DialBackService
+from petald.p2p.relay import (
+    CIRCUIT,
+    HolePunching,
+    RelayPolicy,
+    RelayService,
+    Reservations,
+    StopService,
+    circuit_dialer,
+    is_relayed,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -139,17 +155,97 @@ def load_or_create_identity(path: Path | None) -> KeyPair:
     return key_pair
 
 
-def make_host(key_pair: KeyPair) -> IHost:
+class PetalHost(BasicHost):
+    """py-libp2p's host that also reaches peers behind NAT: a peer known only by relayed addresses
+    (``.../p2p/RELAY/p2p-circuit/p2p/PEER``) is dialled through its relay, by `connect` and by `new_stream`, so
+    every protocol (DHT, inference, push) works with it unchanged. py-libp2p's swarm skips relayed addresses.
+
+    While the node is behind NAT (`relayed_addrs` set), it advertises its relayed addresses instead of its
+    listening ones (identify, DHT): nobody can dial those."""
+
+    def __init__(self, network, **kwargs) -> None:
+        self.relayed_addrs: list[str] | None = None
+        super().__init__(network, **kwargs)
+        self.reservations = Reservations(self)
+        self.dial_back = DialBackService(self)
+        self._circuits = circuit_dialer(self, CircuitV2Protocol(self))
+        self._relayed_dials: dict[ID, trio.Lock] = {}
+        self.reached_through_relay: set[ID] = set()  # peers whose last connection from here went through a relay
+        self.circuits: StopService | None = None  # set by open_host once it runs
+
+    def get_addrs(self) -> list[Multiaddr]:
+        # BasicHost's would cut a relayed address at its first /p2p/ (the relay's id) and append ours; and it adds
+        # identify's observed addresses, which are ports nobody listens on (hole punching reads them itself)
+        if self.relayed_addrs is None:
+            return [a.encapsulate(Multiaddr(f"/p2p/{self.get_id()}")) for a in self.get_transport_addrs()]
+        return [Multiaddr(a) for a in self.relayed_addrs]
+
+    def listening_addrs(self) -> list[str]:
+        """Where this host listens, with its peer id, whatever it advertises."""
+        return [f"{a}/p2p/{self.get_id()}" for a in self.get_transport_addrs()]
+
+    async def connect(self, peer_info: PeerInfo) -> None:
+        peer = peer_info.peer_id
+        known = self.get_network().get_connections(peer)
+        if known and all(conn.is_closed for conn in known):
+            await self.disconnect(peer)  # py-libp2p keeps a dead connection listed, and would not dial again
+        relayed = [a for a in peer_info.addrs if is_relayed(str(a))]
+        if self.get_network().get_connections(peer) or not relayed:
+            await super().connect(peer_info)
+            return
+        self.peerstore.add_addrs(peer, peer_info.addrs, 120)
+        direct = [a for a in peer_info.addrs if not is_relayed(str(a))]
+        if direct:
+            try:
+                await super().connect(PeerInfo(peer, direct))
+                self.reached_through_relay.discard(peer)
+                return
+            except Exception as e:  # noqa: BLE001 - any direct failure: the relay is the way
+                logger.debug("direct dial of %s failed (%r); dialling through its relay", peer, e)
+        lock = self._relayed_dials.setdefault(peer, trio.Lock())
+        async with lock:  # one relayed connection per peer: concurrent callers wait for the first dial
+            if self.get_network().get_connections(peer):
+                return
+            failures = []
+            for addr in relayed:
+                if str(addr).endswith(CIRCUIT):  # the peerstore's form: the relay's address and /p2p-circuit
+                    addr = addr.encapsulate(Multiaddr(f"/p2p/{peer}"))
+                try:
+                    await self._circuits.dial(addr)
+                    self.reached_through_relay.add(peer)
+                    logger.debug("connected to %s through %s", peer, addr)
+                    return
+                except Exception as e:  # noqa: BLE001 - next relay
+                    failures.append(f"{addr}: {e}")
+            raise SwarmException(f"no relay reached {peer}: {'; '.join(failures)}")
+
+    async def new_stream(self, peer_id: ID, protocol_ids) -> INetStream:
+        if not self.get_network().get_connections(peer_id):
+            try:
+                addrs = self.peerstore.addrs(peer_id)
+            except Exception:  # noqa: BLE001 - an unknown peer: the swarm says so below
+                addrs = []
+            if any(is_relayed(str(a)) for a in addrs):
+                await self.connect(PeerInfo(peer_id, addrs))
+        return await super().new_stream(peer_id, protocol_ids)
+
+
+def make_host(key_pair: KeyPair) -> PetalHost:
     """A TCP host speaking only Noise and only Yamux, one connection per peer."""
+    from libp2p.rcmgr import new_resource_manager
+
     route_libp2p_logs()
     noise = NoiseTransport(key_pair, noise_privkey=create_noise_key_pair().private_key)
-    return new_host(
+    resources = new_resource_manager()
+    swarm = new_swarm(
         key_pair=key_pair,
         sec_opt={NOISE_PROTOCOL_ID: noise},
         muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
         # More than one connection per peer makes every dial wait a fixed 250 ms.
         connection_config=ConnectionConfig(max_connections_per_peer=1),
+        resource_manager=resources,
     )
+    return PetalHost(swarm, resource_manager=resources)
 
 
 def listen_addrs(listen: list[Multiaddr] | tuple[str, int]) -> list[Multiaddr]:
@@ -193,13 +289,24 @@ async def unwrapped_groups() -> AsyncIterator[None]:
 
 
 @asynccontextmanager
-async def open_host(key_pair: KeyPair, listen: list[Multiaddr] | tuple[str, int]) -> AsyncIterator[IHost]:
-    """Run a host listening on ``listen``; yield it once it listens, stop it on exit.
+async def open_host(
+    key_pair: KeyPair, listen: list[Multiaddr] | tuple[str, int], relay: RelayPolicy | None = None
+) -> AsyncIterator[PetalHost]:
+    """Run a host listening on ``listen``; yield it once it listens, stop it on exit. It answers dial-back
+    requests, accepts circuits from relays where it holds a reservation, and with ``relay`` is a relay itself.
 
     An exception from the body comes out bare, not wrapped in libp2p's nested nursery groups.
     """
     host = make_host(key_pair)
-    async with unwrapped_groups(), host.run(listen_addrs=listen_addrs(listen)):
+    circuits = StopService(host, host.reservations) if relay is None else RelayService(host, host.reservations, relay)
+    async with (
+        unwrapped_groups(),
+        host.run(listen_addrs=listen_addrs(listen)),
+        background_trio_service(circuits),
+        background_trio_service(HolePunching(host)),
+    ):
+        await circuits.event_started.wait()
+        host.circuits = circuits
         yield host
 
 
