@@ -213,43 +213,69 @@ def serving_options(model: str) -> ServingOptions:
 
 
 def test_eight_sessions_through_one_server_share_passes_and_get_their_solo_hidden_states(tiny_llama):
+    """Sessions of different prompt lengths and lengths of generation, opening while others are mid-way, and one
+    whose client vanishes mid-generation: every other one gets its solo hidden states, every cache is freed."""
     span = Span.load(tiny_llama, 0, 6)
     server = SpanServer(span, serving_options("tiny"))
-    steps = 6
-    inputs = decode_inputs(span, steps)
+    steps = [3 + n % 4 for n in range(len(PROMPT_LENGTHS))]  # sessions end at different times
+    inputs = decode_inputs(span, max(steps))
     solo = []
     for n, (hidden, mask) in enumerate(prompts(span)):
         session = span.new_session(1, 64)
-        solo.append([span.step(session, hidden, mask), *(span.step(session, token) for token in inputs[n])])
+        solo.append([span.step(session, hidden, mask), *(span.step(session, t) for t in inputs[n][: steps[n]])])
     got: dict[int, list[torch.Tensor]] = {}
+    started = trio.Event()  # the first sessions are mid-generation: the others open now
 
     async def client(host, peer, n: int) -> None:
+        if n >= 4:
+            await started.wait()
         stream = await new_stream(host, peer)
         await send(stream, OpenSession("tiny", 0, 6, 1, 64, f"session-{n}"))
         assert isinstance(await receive(stream), SessionOpened)
         hidden, mask = prompts(span)[n]
         outputs = []
-        for index, new in enumerate([hidden, *inputs[n]]):
+        for index, new in enumerate([hidden, *inputs[n][: steps[n]]]):
             await send(stream, Step(index, new, mask if index == 0 else None))
             reply = await receive(stream)
             assert isinstance(reply, StepResult), reply
             outputs.append(reply.hidden)
+            if index == 2 and n == 0:
+                started.set()
         got[n] = outputs
         await send(stream, CloseSession())
         await expect_closed(stream)
+
+    async def vanishing(host, peer) -> None:
+        """Opens, steps along with the others, then its connection's stream is reset mid-generation."""
+        await started.wait()
+        stream = await new_stream(host, peer)
+        await send(stream, OpenSession("tiny", 0, 6, 1, 64, "vanishing"))
+        assert isinstance(await receive(stream), SessionOpened)
+        await send(stream, Step(0, torch.randn(1, 4, span.hidden_size)))
+        assert isinstance(await receive(stream), StepResult)
+        await send(stream, Step(1, torch.randn(1, 1, span.hidden_size)))  # its answer is never read
+        await stream.reset()
 
     async def main() -> None:
         async with serving_in_process(server) as (host, peer):
             async with trio.open_nursery() as nursery:
                 for n in range(len(PROMPT_LENGTHS)):
                     nursery.start_soon(client, host, peer, n)
+                nursery.start_soon(vanishing, host, peer)
+            await wait_for(lambda: server.budget.sessions == 0, 10)
 
     trio.run(main)
     for n in range(len(PROMPT_LENGTHS)):
         for want, have in zip(solo[n], got[n], strict=True):
             torch.testing.assert_close(have, want, rtol=1e-4, atol=1e-4)
     assert server.steps.stats.batched_passes > 0 and server.steps.stats.passes < server.steps.stats.steps
-    assert server.budget.sessions == 0 and server.budget.tokens_left == 4096  # every cache freed
+    assert server.budget.sessions == 0 and server.budget.tokens_left == 4096  # every cache freed, the vanished's too
+
+
+async def wait_for(predicate, timeout: float) -> None:
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.01)
 
 
 def test_two_adapters_and_the_base_model_in_one_batch_window_each_equal_peft(tiny_llama, tmp_path):
