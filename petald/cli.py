@@ -79,6 +79,8 @@ NODE_OPTIONS_HELP = {
     "max_forward_tokens": "largest batch x tokens of one forward or backward (training) request (backward: at most "
     "4096)",
     "no_batching": "run each session's steps alone, not in forward passes shared with other sessions (for comparison)",
+    "torch_threads": "threads of torch's compute pool (default: one per core; give each of several servers on one "
+    "machine its share, e.g. 1 per server on 2 cores)",
     "throughput": "announce this throughput (blocks x steps / s) instead of measuring it (measured once, cached)",
     "heartbeat": "seconds between re-announcements",
     "expiry": "seconds an announcement stays valid",
@@ -100,6 +102,7 @@ SERVING_ONLY = {
     "max_batch_size",
     "max_forward_tokens",
     "no_batching",
+    "torch_threads",
     "throughput",
     "step_timeout",
     "session_timeout",

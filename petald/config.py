@@ -45,6 +45,7 @@ class NodeConfig:
     max_batch_size: int = 64
     max_forward_tokens: int = 16384  # batch x tokens of one forward or backward (training) request
     no_batching: bool = False  # run each session's steps alone instead of in passes shared with other sessions
+    torch_threads: int | None = None  # threads of torch's intra-op pool; none = torch's default (one per core)
     throughput: float | None = None  # blocks x steps / s to announce; none = measure at start
     heartbeat: float = 30.0  # seconds between re-announcements
     expiry: float = 90.0  # seconds an announcement stays valid
@@ -91,6 +92,8 @@ class NodeConfig:
             raise ConfigError(f"num_blocks must be 1 or more, got {self.num_blocks}")
         if not 0 < self.balance_quality <= 1:
             raise ConfigError(f"balance_quality must be in (0, 1], got {self.balance_quality}")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ConfigError(f"torch_threads must be 1 or more, got {self.torch_threads}")
         self.adapter_paths()
         from petald.p2p.dht import InvalidRecord, check_public_name  # imports libp2p: only when a node starts
 

@@ -76,6 +76,8 @@ async def run_server(config: NodeConfig) -> None:
     model_dir, total_blocks = check_model(config)
     model_name = swarm_model_name(config.model)
     key_pair = load_or_create_identity(config.identity)
+    if config.torch_threads is not None:
+        torch.set_num_threads(config.torch_threads)  # several servers on one machine: each its share of the cores
     metrics = NodeMetrics()  # JOINING until the span is served: /health answers 503 from the start
     with contextlib.ExitStack() as stack:
         if config.metrics_port is not None:
