@@ -294,18 +294,10 @@ class RemoteInferenceSession:
             )
             if target is None:
                 continue
-            request = OpenSession(
-                self.model,
-                *(session.hop.start, session.hop.end),
-                self.batch_size,
-                self.max_length,
-                self.session_id,
-                self.adapter,
-            )
             moved = None
             try:
                 hop = Hop(target.peer_id, session.hop.start, session.hop.end)
-                moved = await RemoteSpanSession.open(self.swarm, usable[target.peer_id], hop, request)
+                moved = await self._open_hop(usable[target.peer_id], hop)
                 await self._replay([moved], replay_id)
             except ServerFailure as failure:
                 log.info("moving blocks %d:%d failed, staying: %s", session.hop.start, session.hop.end, failure)
@@ -344,6 +336,13 @@ class RemoteInferenceSession:
             return None
         return self.prompts[hop.start - self.start : hop.end - self.start]
 
+    async def _open_hop(self, server: ServerStatus, hop: Hop) -> RemoteSpanSession:
+        """This session's part on `server` for the blocks of `hop` (ServerFailure if it cannot be opened)."""
+        request = OpenSession(
+            self.model, hop.start, hop.end, self.batch_size, self.max_length, self.session_id, self.adapter
+        )
+        return await RemoteSpanSession.open(self.swarm, server, hop, request)
+
     async def _open_route(self, start: int, end: int) -> list[RemoteSpanSession]:
         """Sessions on the best route through [start, end); servers that fail to open are banned and avoided."""
         choose = functools.partial(
@@ -358,10 +357,7 @@ class RemoteInferenceSession:
             sessions: list[RemoteSpanSession] = []
             try:
                 for hop in route:
-                    request = OpenSession(
-                        self.model, hop.start, hop.end, self.batch_size, self.max_length, self.session_id, self.adapter
-                    )
-                    sessions.append(await RemoteSpanSession.open(self.swarm, usable[hop.peer_id], hop, request))
+                    sessions.append(await self._open_hop(usable[hop.peer_id], hop))
                 return sessions
             except ServerFailure as failure:
                 for session in sessions:

@@ -13,6 +13,7 @@ whole duration."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import deque
@@ -319,8 +320,6 @@ class RequestQueue:
 
 def _merged(batch: list[QueuedRequest]):
     """One request carrying the rows of every request of `batch` (same blocks, adapter and kind, no prompts)."""
-    import dataclasses
-
     first = batch[0].request
     requests = [q.request for q in batch]
     hidden, mask = merge_sequences([r.hidden for r in requests], [r.attention_mask for r in requests])

@@ -62,11 +62,6 @@ class SessionCache:
     def advance(self, tokens: int) -> None:
         self.length += tokens
 
-    @property
-    def allocated_tokens(self) -> int:
-        """Tokens of room allocated in each layer (at most max_length)."""
-        return 0 if self._keys[0] is None else self._keys[0].shape[2]
-
 
 def _grown(old: torch.Tensor | None, like: torch.Tensor, capacity: int, keep: int) -> torch.Tensor:
     batch, heads, _, dim = like.shape
@@ -135,10 +130,6 @@ class StepCache:
         allowed = (keys <= queries) & self.key_mask[:, None, None, :].bool()
         bias = torch.zeros(allowed.shape, dtype=dtype)
         return bias.masked_fill(~allowed, torch.finfo(dtype).min)
-
-    # what transformers' layers may ask of a cache
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.key_length - self.new_tokens
 
 
 def _pad_right(tensor: torch.Tensor, length: int) -> torch.Tensor:
