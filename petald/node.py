@@ -23,7 +23,7 @@ from petald.config import ConfigError, NodeConfig
 from petald.metrics import NodeMetrics, serving_metrics
 from petald.models.loading import check_span, load_config, num_blocks
 from petald.p2p.bandwidth import BANDWIDTH_PROTOCOL, handle_bandwidth_probe, measure_bandwidth
-from petald.p2p.dht import ServerEntry, ServerState, SwarmDHT, open_swarm_dht
+from petald.p2p.dht import MAX_DIRECT_PEERS, ServerEntry, ServerState, SwarmDHT, open_swarm_dht
 from petald.p2p.host import PetalHost, connect, full_addrs, load_or_create_identity, open_host, peer_id_of
 from petald.p2p.reachability import Reachability, check_reachability, serves_dial_back
 from petald.p2p.relay import RelayPolicy
@@ -127,7 +127,7 @@ async def _serve(
                 server.attach(metrics.metered_host(host), nursery)
                 await announcer.publish(state=ServerState.ONLINE, throughput=server.throughput)
                 log.info("serving blocks %d:%d of %s at %.1f blocks*steps/s", start, end, model_name, server.throughput)
-                nursery.start_soon(_heartbeat, announcer, server, config.heartbeat)
+                nursery.start_soon(_heartbeat, announcer, server, config.heartbeat, host)
                 if reachability == Reachability.PRIVATE:
                     nursery.start_soon(_follow_relays, host, announcer)
                 balancing = trio.CancelScope()
@@ -270,10 +270,11 @@ class _Announcer:
             await trio.sleep(1 + attempt)
 
 
-async def _heartbeat(announcer: _Announcer, server: SpanServer, period: float) -> None:
+async def _heartbeat(announcer: _Announcer, server: SpanServer, period: float, host: PetalHost) -> None:
     while True:
         await trio.sleep(period * random.uniform(0.9, 1.1))  # jitter: servers do not re-announce in lockstep
-        await announcer.publish(cache_tokens_left=server.budget.tokens_left)
+        direct = host.punched_peers()[:MAX_DIRECT_PEERS]
+        await announcer.publish(cache_tokens_left=server.budget.tokens_left, direct_peers=direct)
 
 
 async def _choose_blocks(config: NodeConfig, dht: SwarmDHT, model: str, total_blocks: int) -> tuple[int, int]:

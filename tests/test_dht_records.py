@@ -188,6 +188,8 @@ def valid_wire() -> dict[str, Any]:
         (lambda w: w.update(addrs=[7]), "addrs is int, not a string"),
         (lambda w: w.update(adapters=["x" * 129]), "adapters is 129 characters long"),
         (lambda w: w.update(peer_id="not a peer id"), "is not a base58 peer id"),
+        (lambda w: w.update(direct_peers=["not a peer id"]), "direct_peers holds 'not a peer id', not a base58"),
+        (lambda w: w.update(direct_peers=[w["peer_id"]] * 33), "direct_peers has 33 items"),
         (lambda w: w.update(public_key="text"), "public_key is str, not bytes"),
         (lambda w: w.update(signature=b"s" * 129), "signature is 129 bytes long"),
         (lambda w: w.update(expires_at=w["updated_at"] + 7200), "lifetime 7200 s is outside"),

@@ -115,6 +115,15 @@ def test_servers_behind_two_nats_serve_through_relays_and_a_session_survives_a_r
                 assert json.loads(client.stdout.readline()) == {"paused": PAUSE_AT}, (
                     tmp_path / "client.log"
                 ).read_text()
+                # the push first -> last opened a relayed connection; hole punching made it direct, on both ends
+                # (each server reports the peers it holds a direct connection to, which it had reached relayed)
+                ids = {e["start"]: p for p, e in servers.items()}
+                punched = {ids[0]: [ids[3]], ids[3]: [ids[0]]}
+                wait_until(
+                    lambda: {p: e["direct_peers"] for p, e in status(net, a).items()} == punched,
+                    20,
+                    "the connection between the two homes is direct",
+                )
                 # the push first -> last went through relay A (reserved first): it dies with the sessions on it
                 relay_a.kill()
                 client.stdin.write("go\n")
@@ -136,6 +145,8 @@ def test_servers_behind_two_nats_serve_through_relays_and_a_session_survives_a_r
                 30,
                 "the servers re-announced themselves through relay B only",
             )
+            # the direct connection outlived relay A, which carried the relayed one: the pushes after it went direct
+            assert {p: e["direct_peers"] for p, e in status(net, b).items() if e["state"] == "ONLINE"} == punched
         finally:
             for node in nodes:
                 node.kill()

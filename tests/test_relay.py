@@ -18,7 +18,16 @@ from multiaddr import Multiaddr
 
 from petald.p2p.host import open_host
 from petald.p2p.reachability import Reachability, check_reachability, dial_back_addrs, reachability_verdict
-from petald.p2p.relay import RelayPolicy, admit_circuit, relay_candidates, relayed_addr
+from petald.p2p.relay import (
+    RelayPolicy,
+    admit_circuit,
+    can_punch,
+    is_direct,
+    punch_source,
+    relay_candidates,
+    relayed_addr,
+    relayed_beside_direct,
+)
 
 LOOPBACK = ("127.0.0.1", 0)
 ECHO = "/test/echo/1"
@@ -53,6 +62,16 @@ def test_relayed_addr_and_relay_candidates():
     a, b, c = (ID(bytes([0, 1, i])) for i in range(3))
     assert relay_candidates([a], [b, a, c], held={c}, failed=set()) == [a, b]
     assert relay_candidates([a], [b], held=set(), failed={a}) == [b]
+
+
+def test_punching_dials_leave_from_the_listening_port_that_can_reach_the_peer():
+    listening = [Multiaddr(a) for a in ("/ip4/127.0.0.1/tcp/4000", "/ip4/10.0.1.2/tcp/4001")]
+    assert punch_source(listening, Multiaddr("/ip4/203.0.113.6/tcp/4001")) == ("10.0.1.2", 4001)
+    assert punch_source(listening, Multiaddr("/ip4/127.0.0.1/tcp/9")) == ("127.0.0.1", 4000)
+    assert punch_source([Multiaddr("/ip4/0.0.0.0/tcp/4001")], Multiaddr("/ip4/203.0.113.6/tcp/1")) == ("0.0.0.0", 4001)
+    assert punch_source(listening[:1], Multiaddr("/ip4/203.0.113.6/tcp/4001")) is None  # loopback reaches no one
+    assert punch_source(listening, Multiaddr("/dns4/example.org/tcp/4001")) is None
+    assert can_punch(listening) and not can_punch(listening[:1])  # a client on loopback takes no part
 
 
 async def _echo(stream) -> None:
@@ -110,6 +129,16 @@ async def _relayed_dial() -> None:
                 assert await stream.read(100) == b"echo:hi%d" % i
         assert home.get_id() in client.reached_through_relay
         assert relay.circuits.open_circuits == 1 and relay.circuits.bytes_relayed > 0
+
+        # once a direct connection stands beside the relayed one (as after a hole punch), a long-lived stream on
+        # the relayed one is told to move (push links do), and new streams take the direct one
+        relayed_stream = await client.new_stream(home.get_id(), [ECHO])
+        assert not relayed_beside_direct(client, relayed_stream)
+        with trio.fail_after(10):
+            await client.get_network().dial_addr(home.get_transport_addrs()[0], home.get_id())
+        assert [is_direct(c) for c in client.get_network().get_connections(home.get_id())].count(True) == 1
+        assert relayed_beside_direct(client, relayed_stream)
+        assert not relayed_beside_direct(client, await client.new_stream(home.get_id(), [ECHO]))
 
         # the reachability check: loopback peers dial each other back
         with trio.fail_after(20):

@@ -115,6 +115,7 @@ MAX_ENTRIES_PER_VALUE = 512
 MAX_PEER_ID_LEN = 64
 MAX_ADDRS = 16
 REACHABILITIES = ("unknown", "public", "private", "relayed")
+MAX_DIRECT_PEERS = 32
 MAX_ADDR_LEN = 256
 MAX_ADAPTERS = 32
 MAX_ADAPTER_LEN = 128
@@ -167,6 +168,8 @@ class ServerEntry:
     public_name: str = ""  # a short display name its operator chose (check_public_name); "" for none
     # how peers reach it: "public" (dialled back), "relayed" (behind NAT, through the relays in addrs), "unknown"
     reachability: str = "unknown"
+    # behind NAT: the peers it first reached through a relay and now reaches directly (hole punched)
+    direct_peers: list[str] = field(default_factory=list)
     updated_at: float = 0.0
     expires_at: float = 0.0
     public_key: bytes = b""
@@ -212,6 +215,7 @@ class ServerEntry:
             adapters=_str_list(d, "adapters", MAX_ADAPTERS, MAX_ADAPTER_LEN),
             public_name=check_public_name(_str(d, "public_name", MAX_PUBLIC_NAME_LEN)),
             reachability=reachability,
+            direct_peers=_peer_ids(d, "direct_peers", MAX_DIRECT_PEERS),
             updated_at=_float(d, "updated_at", 0.0, math.inf),
             expires_at=_float(d, "expires_at", 0.0, math.inf),
             public_key=_bytes(d, "public_key", MAX_KEY_BYTES_LEN),
@@ -332,6 +336,16 @@ def _peer_id(d: dict[str, Any]) -> str:
     except Exception:
         raise InvalidRecord(f"peer_id {peer_id!r} is not a base58 peer id") from None
     return peer_id
+
+
+def _peer_ids(d: dict[str, Any], name: str, max_items: int) -> list[str]:
+    peer_ids = _str_list(d, name, max_items, MAX_PEER_ID_LEN)
+    for peer_id in peer_ids:
+        try:
+            ID.from_base58(peer_id)
+        except Exception:
+            raise InvalidRecord(f"{name} holds {peer_id!r}, not a base58 peer id") from None
+    return peer_ids
 
 
 def _check_times(entry: ServerEntry | ModelEntry) -> None:

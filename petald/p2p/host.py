@@ -172,6 +172,7 @@ class PetalHost(BasicHost):
         self._relayed_dials: dict[ID, trio.Lock] = {}
         self.reached_through_relay: set[ID] = set()  # peers whose last connection from here went through a relay
         self.circuits: StopService | None = None  # set by open_host once it runs
+        self.hole_punching: HolePunching | None = None  # set by open_host once it runs
 
     def get_addrs(self) -> list[Multiaddr]:
         # BasicHost's would cut a relayed address at its first /p2p/ (the relay's id) and append ours; and it adds
@@ -179,6 +180,10 @@ class PetalHost(BasicHost):
         if self.relayed_addrs is None:
             return [a.encapsulate(Multiaddr(f"/p2p/{self.get_id()}")) for a in self.get_transport_addrs()]
         return [Multiaddr(a) for a in self.relayed_addrs]
+
+    def punched_peers(self) -> list[str]:
+        """Peers once reached through a relay that this host reaches directly now (hole punched)."""
+        return [] if self.hole_punching is None else [str(p) for p in self.hole_punching.punched()]
 
     def listening_addrs(self) -> list[str]:
         """Where this host listens, with its peer id, whatever it advertises."""
@@ -299,14 +304,15 @@ async def open_host(
     """
     host = make_host(key_pair)
     circuits = StopService(host, host.reservations) if relay is None else RelayService(host, host.reservations, relay)
+    punching = HolePunching(host)
     async with (
         unwrapped_groups(),
         host.run(listen_addrs=listen_addrs(listen)),
         background_trio_service(circuits),
-        background_trio_service(HolePunching(host)),
+        background_trio_service(punching),
     ):
         await circuits.event_started.wait()
-        host.circuits = circuits
+        host.circuits, host.hole_punching = circuits, punching
         yield host
 
 

@@ -23,6 +23,7 @@ What of py-libp2p's ``CircuitV2Protocol`` is replaced here, and why (upstream no
 from __future__ import annotations
 
 import collections
+import ipaddress
 import logging
 import time
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from libp2p.abc import IHost, INetStream
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
-from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
+from libp2p.relay.circuit_v2.dcutr import MAX_HOLE_PUNCH_ATTEMPTS, DCUtRProtocol
 from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage, Limit, StopMessage
 from libp2p.relay.circuit_v2.pb.circuit_pb2 import PeerId as CircuitPeerId
 from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL_ID
@@ -259,13 +260,62 @@ class RelayService(StopService):
 
 class HolePunching(DCUtRProtocol):
     """py-libp2p's DCUtR (``/libp2p/dcutr``): every 2 s it tries to replace each relayed connection by a direct one
-    (a simultaneous TCP dial from both listening ports, at the addresses the relay saw), and closes the relayed one
-    once the direct one works; after 5 failed attempts a peer stays relayed. This subclass says which, once per
-    peer, in the node's log."""
+    (a simultaneous TCP dial from both listening ports, at the relay's view of our IP with our listening port), up
+    to 3 attempts of 3 rounds per peer; once the direct one works, new streams take it and the relayed one closes
+    60 s later. Where the punch fails the connection stays relayed. This subclass punches from the listening port
+    (`_dial_peer`), says once per peer in the node's log which way it went, and keeps which peers it reached
+    through a relay (`punched` : those of them it now holds a direct connection to)."""
 
     def __init__(self, host: IHost) -> None:
         super().__init__(host)
         self.outcome: dict[ID, bool] = {}
+        self.relayed_peers: set[ID] = set()  # peers that were connected here through a relay
+        self._driving: set[ID] = set()  # peers this side's attempt runs for now
+
+    DRIVE_PERIOD_S = 2.0
+
+    async def _auto_drive_loop(self) -> None:
+        # upstream's loop awaits each peer's whole attempt in turn (tens of seconds for a peer that cannot be
+        # punched), holding up every other peer; here each peer's attempt runs on its own
+        assert self._nursery is not None  # run() sets it before it starts this loop
+        while True:
+            await trio.sleep(self.DRIVE_PERIOD_S)
+            if not self._punchable():
+                continue
+            for peer_id in self._to_punch():
+                self._driving.add(peer_id)
+                self._nursery.start_soon(self._drive, peer_id)
+
+    def _to_punch(self) -> list[ID]:
+        """Peers reached only through a relay, with no attempt under way and attempts left."""
+        network = self.host.get_network()
+        out = []
+        for peer_id, conns in list(network.connections.items()):
+            if peer_id in self._driving or peer_id in self._in_progress or peer_id in self._direct_connections:
+                continue
+            if self._hole_punch_attempts.get(peer_id, 0) >= MAX_HOLE_PUNCH_ATTEMPTS:
+                continue
+            if conns and not any(is_direct(c) for c in conns) and self._connected_through_relay(peer_id):
+                out.append(peer_id)
+        return out
+
+    async def _drive(self, peer_id: ID) -> None:
+        try:
+            await self.initiate_hole_punch(peer_id)
+        except Exception as e:  # noqa: BLE001 - an attempt that fails leaves the connection relayed
+            logger.debug("hole punching to %s: %r", peer_id, e)
+        finally:
+            self._driving.discard(peer_id)
+
+    def _punchable(self) -> bool:
+        """Whether peers could reach this host at all: it listens on more than loopback. A host that listens on
+        loopback only (a client) takes no part: a punch from it or to it cannot work."""
+        return can_punch(self.host.get_transport_addrs())
+
+    def punched(self) -> list[ID]:
+        """Peers first reached through a relay that this host now reaches over a direct connection."""
+        network = self.host.get_network()
+        return sorted((p for p in self.relayed_peers if any(is_direct(c) for c in network.get_connections(p))), key=str)
 
     async def _get_observed_addrs(self) -> list[bytes]:
         # the addresses a punch may use are the listening ones (and the relay's view of them), not the relayed
@@ -276,15 +326,89 @@ class HolePunching(DCUtRProtocol):
         finally:
             self.host.relayed_addrs = relayed
 
+    async def _dial_peer(
+        self, peer_id: ID, addr: Multiaddr, source: tuple[str, int] | None = None, as_responder: bool = False
+    ) -> None:
+        # DCUtR binds its dials to the first TCP address of `host.get_addrs()`, which behind NAT holds only
+        # relayed ones: it dialled from an ephemeral port, which the NAT maps apart from the listening port the
+        # peer dials, so neither router ever saw the other's SYN as an answer. Dial from the listening port.
+        if source is None:
+            source = punch_source(self.host.get_transport_addrs(), addr)
+        await super()._dial_peer(peer_id, addr, source, as_responder)
+
     async def initiate_hole_punch(self, peer_id: ID) -> bool:
+        if self._connected_through_relay(peer_id):
+            self.relayed_peers.add(peer_id)
         direct = await super().initiate_hole_punch(peer_id)
-        if self.outcome.get(peer_id) != direct:
-            self.outcome[peer_id] = direct
-            if direct:
-                logger.info("connection to %s is direct now (hole punched); the relayed one closes", peer_id)
-            else:
-                logger.info("hole punching to %s failed; the connection stays relayed", peer_id)
+        self._note(peer_id, direct)
         return direct
+
+    async def _handle_dcutr_stream(self, stream: INetStream) -> None:
+        # the peer drives the upgrade (both sides may, at once): this side dials when the peer's SYNC comes
+        peer_id = stream.muxed_conn.peer_id
+        if not self._punchable():
+            await stream.reset()
+            return
+        if _over_relayed_connection(stream):
+            self.relayed_peers.add(peer_id)
+        await super()._handle_dcutr_stream(stream)
+        self._note(peer_id, await self._verify_direct_connection(peer_id))
+
+    def _connected_through_relay(self, peer_id: ID) -> bool:
+        return any(not is_direct(c) for c in self.host.get_network().get_connections(peer_id))
+
+    def _note(self, peer_id: ID, direct: bool) -> None:
+        if peer_id not in self.relayed_peers or self.outcome.get(peer_id) == direct:
+            return
+        self.outcome[peer_id] = direct
+        if direct:
+            logger.info("connection to %s is direct now (hole punched); the relayed one closes", peer_id)
+        else:
+            logger.info("hole punching to %s failed; the connection stays relayed", peer_id)
+
+
+def is_direct(conn) -> bool:
+    """Whether a swarm connection runs over TCP to the peer itself, not through a relay."""
+    try:
+        addrs = conn.get_transport_addresses()
+    except Exception:  # noqa: BLE001 - a connection that cannot say is not counted as direct
+        return False
+    return not conn.is_closed and bool(addrs) and not any(is_relayed(str(a)) for a in addrs)
+
+
+def punch_source(listening: list[Multiaddr], destination: Multiaddr) -> tuple[str, int] | None:
+    """The (ip, port) a hole-punching dial to `destination` leaves from: a listening IPv4 TCP address (the port a
+    TCP NAT keeps for the mapping the peer dials) that can reach it (one on loopback reaches only loopback); None
+    for an ephemeral port."""
+    try:
+        loopback = ipaddress.ip_address(destination.value_for_protocol("ip4")).is_loopback
+    except Exception:  # noqa: BLE001 - not an IPv4 destination: no IPv4 source fits
+        return None
+    for addr in listening:
+        try:
+            ip, port = ipaddress.ip_address(addr.value_for_protocol("ip4")), int(addr.value_for_protocol("tcp"))
+        except Exception:  # noqa: BLE001 - not an IPv4 TCP address
+            continue
+        if port and (ip.is_unspecified or ip.is_loopback == loopback):
+            return str(ip), port
+    return None
+
+
+def relayed_beside_direct(host: IHost, stream: INetStream) -> bool:
+    """Whether `stream` runs through a relay to a peer this host now also holds a direct connection to (hole
+    punched): a long-lived stream should move, as the relayed connection is closed soon after."""
+    try:
+        if not _over_relayed_connection(stream):
+            return False
+        return any(is_direct(c) for c in host.get_network().get_connections(stream.muxed_conn.peer_id))
+    except Exception:  # noqa: BLE001 - a stream or host that cannot say stays where it is
+        return False
+
+
+def can_punch(listening: list[Multiaddr]) -> bool:
+    """Whether a host listening on `listening` can take part in hole punching: it listens on an IPv4 address
+    other than loopback (or on all of them)."""
+    return punch_source(listening, Multiaddr("/ip4/192.0.2.1/tcp/1")) is not None
 
 
 def circuit_dialer(host: IHost, protocol: CircuitV2Protocol) -> CircuitV2Transport:

@@ -19,6 +19,7 @@ from petald.config import NodeConfig
 from petald.errors import AdapterError
 from petald.metrics import NodeMetrics, count_error
 from petald.p2p.dht import ServerState
+from petald.p2p.relay import relayed_beside_direct
 from petald.p2p.wire import (
     BACKWARD_PROTOCOL,
     FORWARD_PROTOCOL,
@@ -147,6 +148,9 @@ class PushLink:
     async def send(self, hop: NextHop, message: Push) -> None:
         """Write `message` on the open stream, opening one first if there is none; any failure closes the stream."""
         async with self._lock:
+            if self._stream is not None and relayed_beside_direct(self.host, self._stream):
+                log.debug("push stream to %s moves to the direct connection (hole punched)", hop.peer_id[:16])
+                await self._drop(self._stream)  # between frames: the relayed connection closes soon
             if self._stream is None:
                 self._stream = await open_push_stream(self.host, hop)
                 self._nursery.start_soon(self._watch, self._stream)
