@@ -25,7 +25,13 @@ from petald.models.loading import check_span, load_config, num_blocks
 from petald.p2p.bandwidth import BANDWIDTH_PROTOCOL, handle_bandwidth_probe, measure_bandwidth
 from petald.p2p.dht import MAX_DIRECT_PEERS, ServerEntry, ServerState, SwarmDHT, open_swarm_dht
 from petald.p2p.host import PetalHost, connect, full_addrs, load_or_create_identity, open_host, peer_id_of
-from petald.p2p.reachability import Reachability, check_reachability, serves_dial_back
+from petald.p2p.reachability import (
+    MIN_RECHECK_INTERVAL_S,
+    Reachability,
+    check_reachability,
+    serves_dial_back,
+    should_recheck,
+)
 from petald.p2p.relay import RelayPolicy
 from petald.p2p.swarm_map import current_entries, serving
 from petald.serving.adapters import load_lora_adapter
@@ -53,6 +59,7 @@ STOP_ANNOUNCE_TIMEOUT = 10.0
 # Longest wait at start for the reachability check, and behind NAT for a first relay reservation.
 REACHABILITY_TIMEOUT = 20.0
 FIRST_RESERVATION_TIMEOUT = 30.0
+RECHECK_PERIOD_S = 5.0  # how often the node looks whether its addresses changed (a re-check: should_recheck)
 IDENTIFY_WAIT = 5.0
 
 
@@ -96,7 +103,8 @@ async def _serve(
     ):
         host.set_stream_handler(BANDWIDTH_PROTOCOL, handle_bandwidth_probe)
         log.info("listening on %s", " ".join(host.listening_addrs()))
-        reachability = await _learn_reachability(host, config, relays)
+        relaying = _Relaying(host, config, relays)
+        reachability = await _learn_reachability(host, config, relaying)
         addrs = host.relayed_addrs or _public_addrs(full_addrs(host), config.public_host)
         _print_addrs(addrs)
         # behind NAT nobody can dial it for DHT requests: a DHT client, like libp2p nodes that AutoNAT says are private
@@ -128,8 +136,8 @@ async def _serve(
                 await announcer.publish(state=ServerState.ONLINE, throughput=server.throughput)
                 log.info("serving blocks %d:%d of %s at %.1f blocks*steps/s", start, end, model_name, server.throughput)
                 nursery.start_soon(_heartbeat, announcer, server, config.heartbeat, host)
-                if reachability == Reachability.PRIVATE:
-                    nursery.start_soon(_follow_relays, host, announcer)
+                nursery.start_soon(_follow_relays, host, announcer, relaying)
+                nursery.start_soon(_recheck_reachability, host, config, announcer, relaying, reachability)
                 balancing = trio.CancelScope()
                 if config.num_blocks is not None and config.balance_period > 0:  # pinned --blocks never move
                     nursery.start_soon(_keep_balanced, balancing, config, announcer, server, model_dir)
@@ -153,9 +161,46 @@ def _relay_policy(config: NodeConfig) -> RelayPolicy | None:
     return RelayPolicy() if config.relay else None
 
 
-async def _learn_reachability(host: PetalHost, config: NodeConfig, relays: trio.Nursery) -> Reachability:
-    """Ask the initial peers to dial this node back. Behind NAT, start keeping relay reservations (in `relays`)
-    and wait for the first one, so the node announces an address peers can use."""
+class _Relaying:
+    """Behind NAT: the relay reservations the node keeps (`Reservations.keep`, in `nursery`), started when a check
+    says it is private and stopped when a later one says it is public."""
+
+    def __init__(self, host: PetalHost, config: NodeConfig, nursery: trio.Nursery):
+        self.host, self.config, self.nursery = host, config, nursery
+        self._scope: trio.CancelScope | None = None
+
+    @property
+    def active(self) -> bool:
+        return self._scope is not None
+
+    def start(self) -> None:
+        if self._scope is not None:
+            return
+        log.info("behind NAT or a firewall: reserving at relays")
+        self.host.reservations.use_relays(self.config.relay_peers)
+        self._scope = trio.CancelScope()
+        self.nursery.start_soon(self._keep, self._scope)
+
+    async def _keep(self, scope: trio.CancelScope) -> None:
+        with scope:
+            await self.host.reservations.keep()
+
+    def stop(self) -> None:
+        if self._scope is not None:
+            self._scope.cancel()
+            self._scope = None
+        self.host.reservations.held.clear()  # not renewed: the relays drop them at expiry
+        self.host.relayed_addrs = None
+
+
+async def _check_reachability(host: PetalHost, config: NodeConfig) -> Reachability:
+    listening = _public_addrs(host.listening_addrs(), config.public_host)
+    return await check_reachability(host.dial_back, [Multiaddr(a) for a in listening])
+
+
+async def _learn_reachability(host: PetalHost, config: NodeConfig, relaying: _Relaying) -> Reachability:
+    """Ask the initial peers to dial this node back. Behind NAT, start keeping relay reservations and wait for the
+    first one, so the node announces an address peers can use."""
     reachability = Reachability.UNKNOWN
     with trio.move_on_after(REACHABILITY_TIMEOUT):
         for addr in config.initial_peers:
@@ -166,14 +211,11 @@ async def _learn_reachability(host: PetalHost, config: NodeConfig, relays: trio.
         with trio.move_on_after(IDENTIFY_WAIT):  # identify tells which peers answer dial-backs, soon after connecting
             while host.get_connected_peers() and not any(serves_dial_back(host, p) for p in host.get_connected_peers()):
                 await trio.sleep(0.1)
-        listening = _public_addrs(full_addrs(host), config.public_host)
-        reachability = await check_reachability(host.dial_back, [Multiaddr(a) for a in listening])
+        reachability = await _check_reachability(host, config)
     log.info("reachability: %s", reachability)
     if reachability != Reachability.PRIVATE:
         return reachability
-    log.info("behind NAT or a firewall: reserving at relays")
-    host.reservations.use_relays(config.relay_peers)
-    relays.start_soon(host.reservations.keep)
+    relaying.start()
     with trio.move_on_after(FIRST_RESERVATION_TIMEOUT):
         while not host.reservations.addrs():
             await host.reservations.changed.wait()
@@ -189,14 +231,50 @@ def _announced_reachability(reachability: Reachability, host: PetalHost) -> str:
     return str(reachability)
 
 
-async def _follow_relays(host: PetalHost, announcer: _Announcer) -> None:
+async def _follow_relays(host: PetalHost, announcer: _Announcer, relaying: _Relaying) -> None:
     """Behind NAT: whenever the reservations change (a relay died, another granted one), announce the new
     relayed addresses."""
     while True:
         await host.reservations.changed.wait()
+        if not relaying.active:
+            continue
         host.relayed_addrs = host.reservations.addrs() or None
         addrs = host.relayed_addrs or announcer.entry.addrs
         await announcer.publish(addrs=addrs, reachability=_announced_reachability(Reachability.PRIVATE, host))
+
+
+async def _recheck_reachability(
+    host: PetalHost,
+    config: NodeConfig,
+    announcer: _Announcer,
+    relaying: _Relaying,
+    reachability: Reachability,
+    period: float = RECHECK_PERIOD_S,
+    min_interval_s: float = MIN_RECHECK_INTERVAL_S,
+) -> None:
+    """When the node's listening addresses change, or peers see it at a new IP (`should_recheck`), ask for
+    dial-backs again; a new verdict starts or stops relaying and is announced with the addresses that go with it.
+    The DHT keeps the mode it started in (a client behind NAT)."""
+    checked, checked_at = host.address_view(), time.monotonic()
+    while True:
+        await trio.sleep(period)
+        view = host.address_view()
+        if not should_recheck(checked, view, time.monotonic() - checked_at, min_interval_s):
+            continue
+        checked, checked_at = view, time.monotonic()
+        verdict = await _check_reachability(host, config)
+        log.info("addresses changed (%s); reachability: %s", sorted(view.observed_ips), verdict)
+        if verdict == Reachability.UNKNOWN or verdict == reachability:
+            continue
+        reachability = verdict
+        if verdict == Reachability.PRIVATE:
+            relaying.start()
+            host.relayed_addrs = host.reservations.addrs() or None
+            addrs = host.relayed_addrs or announcer.entry.addrs
+        else:
+            relaying.stop()
+            addrs = _public_addrs(full_addrs(host), config.public_host)
+        await announcer.publish(addrs=addrs, reachability=_announced_reachability(verdict, host))
 
 
 def check_model(config: NodeConfig) -> tuple[Path, int]:

@@ -3,6 +3,9 @@ and a relay holding its limits against floods of reservations and circuits."""
 
 from __future__ import annotations
 
+import functools
+import types
+
 import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
@@ -17,7 +20,15 @@ from libp2p.utils.varint import encode_varint_prefixed
 from multiaddr import Multiaddr
 
 from petald.p2p.host import open_host
-from petald.p2p.reachability import Reachability, check_reachability, dial_back_addrs, reachability_verdict
+from petald.p2p.reachability import (
+    AddressView,
+    Reachability,
+    check_reachability,
+    dial_back_addrs,
+    reachability_verdict,
+    serves_dial_back,
+    should_recheck,
+)
 from petald.p2p.relay import (
     RelayPolicy,
     admit_circuit,
@@ -258,3 +269,65 @@ async def _garbage() -> None:
                         pass
             answer = await _hop(peer, relay.get_id(), HopMessage(type=HopMessage.RESERVE))
         assert answer is not None and answer.status == StatusCode.OK
+
+
+def test_reachability_is_rechecked_when_listening_or_observed_addresses_change():
+    checked = AddressView(frozenset({"/ip4/10.0.0.2/tcp/4001/p2p/ME"}), frozenset({"203.0.113.2"}))
+    same = AddressView(checked.listening, checked.observed_ips)
+    assert not should_recheck(checked, same, since_check_s=3600)
+    new_ip = AddressView(checked.listening, frozenset({"203.0.113.2", "198.51.100.7"}))
+    assert should_recheck(checked, new_ip, since_check_s=60)
+    assert not should_recheck(checked, new_ip, since_check_s=5)  # at most once per MIN_RECHECK_INTERVAL_S
+    observer_left = AddressView(checked.listening, frozenset())
+    assert not should_recheck(checked, observer_left, since_check_s=60)
+    moved = AddressView(frozenset({"/ip4/10.0.0.2/tcp/4002/p2p/ME"}), checked.observed_ips)
+    assert should_recheck(checked, moved, since_check_s=60)
+
+
+class _Announced:
+    """Stands for the node's announcer: records what it is asked to announce."""
+
+    def __init__(self):
+        self.entry = types.SimpleNamespace(addrs=[])
+        self.published: list[dict] = []
+
+    async def publish(self, **changes) -> None:
+        self.published.append(changes)
+
+
+def test_a_node_judged_private_that_becomes_dialable_rechecks_and_announces_itself_public():
+    trio.run(_recheck_after_address_change)
+
+
+async def _recheck_after_address_change() -> None:
+    from petald.config import NodeConfig
+    from petald.node import _recheck_reachability, _Relaying
+
+    async with (
+        open_host(create_new_key_pair(), LOOPBACK) as node,
+        open_host(create_new_key_pair(), LOOPBACK) as peer,
+        trio.open_nursery() as nursery,
+    ):
+        await node.connect(PeerInfo(peer.get_id(), peer.get_transport_addrs()))
+        with trio.fail_after(10):
+            while not serves_dial_back(node, peer.get_id()):
+                await trio.sleep(0.05)
+        relaying = _Relaying(node, NodeConfig(), nursery)
+        relaying.start()  # as after a first check that said private
+        announced = _Announced()
+        nursery.start_soon(
+            functools.partial(
+                _recheck_reachability, node, NodeConfig(), announced, relaying, Reachability.PRIVATE, 0.05, 0.0
+            )
+        )
+        await trio.sleep(0.3)
+        assert announced.published == []  # nothing changed: no new check
+        await node.get_network().listen(Multiaddr("/ip4/127.0.0.2/tcp/0"))  # a new address (another interface)
+        with trio.fail_after(20):
+            while not announced.published:
+                await trio.sleep(0.05)
+        (changes,) = announced.published
+        assert changes["reachability"] == "public" and len(changes["addrs"]) == 2
+        assert set(changes["addrs"]) == set(node.listening_addrs())
+        assert not relaying.active and node.relayed_addrs is None
+        nursery.cancel_scope.cancel()

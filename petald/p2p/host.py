@@ -44,7 +44,7 @@ from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.tools.anyio_service import background_trio_service
 from multiaddr import Multiaddr
 
-from petald.p2p.reachability import DialBackService
+from petald.p2p.reachability import AddressView, DialBackService
 from petald.p2p.relay import (
     CIRCUIT,
     HolePunching,
@@ -184,6 +184,18 @@ class PetalHost(BasicHost):
     def punched_peers(self) -> list[str]:
         """Peers once reached through a relay that this host reaches directly now (hole punched)."""
         return [] if self.hole_punching is None else [str(p) for p in self.hole_punching.punched()]
+
+    def address_view(self) -> AddressView:
+        """Where it listens and at which IPs its peers see it (identify's observed addresses, each seen by one
+        peer at least: a node behind NAT talks to few peers)."""
+        observed = getattr(self, "_observed_addr_manager", None)  # BasicHost's; None without address discovery
+        ips = set()
+        for addr in observed.addrs(min_observers=1) if observed is not None else []:
+            try:
+                ips.add(addr.value_for_protocol("ip4"))
+            except Exception:  # noqa: BLE001 - an IPv6 or DNS observation: Petal dials IPv4
+                continue
+        return AddressView(frozenset(self.listening_addrs()), frozenset(ip for ip in ips if ip))
 
     def listening_addrs(self) -> list[str]:
         """Where this host listens, with its peer id, whatever it advertises."""

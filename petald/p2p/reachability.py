@@ -17,6 +17,7 @@ from __future__ import annotations
 import enum
 import logging
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import trio
 from libp2p.abc import IHost, INetStream
@@ -50,6 +51,29 @@ def reachability_verdict(answers: Iterable[bool | None]) -> Reachability:
     if any(a is False for a in answers):
         return Reachability.PRIVATE
     return Reachability.UNKNOWN
+
+
+MIN_RECHECK_INTERVAL_S = 30.0  # a node asks for dial-backs at most this often once it runs
+
+
+@dataclass(frozen=True)
+class AddressView:
+    """What a node's reachability depends on: where it listens, and at which IPs peers see it (the ports they see
+    vary with each connection through a NAT, so only the IPs count)."""
+
+    listening: frozenset[str]
+    observed_ips: frozenset[str]
+
+
+def should_recheck(
+    checked: AddressView, now: AddressView, since_check_s: float, min_interval_s: float = MIN_RECHECK_INTERVAL_S
+) -> bool:
+    """Whether to ask for dial-backs again: the listening addresses changed, or peers see the node at an IP they
+    did not see at the last check (a new address from the ISP, another network); at most once per
+    `min_interval_s`. An observed IP that is gone (its observer left) changes nothing."""
+    if since_check_s < min_interval_s:
+        return False
+    return now.listening != checked.listening or not now.observed_ips <= checked.observed_ips
 
 
 def dial_back_addrs(announced: Iterable[bytes], observed_ip: str | None) -> list[bytes]:
