@@ -8,6 +8,8 @@ import types
 
 import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.host.autonat.autonat import AUTONAT_PROTOCOL_ID
+from libp2p.host.autonat.pb.autonat_pb2 import Message
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage, StopMessage
@@ -16,7 +18,7 @@ from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP
 from libp2p.relay.circuit_v2.protocol import STOP_PROTOCOL_ID as STOP
 from libp2p.relay.circuit_v2.protocol_buffer import StatusCode
 from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_msg
-from libp2p.utils.varint import encode_varint_prefixed
+from libp2p.utils.varint import encode_varint_prefixed, read_varint_prefixed_bytes_limited
 from multiaddr import Multiaddr
 
 from petald.p2p.host import open_host
@@ -25,6 +27,7 @@ from petald.p2p.reachability import (
     Reachability,
     check_reachability,
     dial_back_addrs,
+    dial_back_for,
     reachability_verdict,
     serves_dial_back,
     should_recheck,
@@ -330,4 +333,55 @@ async def _recheck_after_address_change() -> None:
         assert changes["reachability"] == "public" and len(changes["addrs"]) == 2
         assert set(changes["addrs"]) == set(node.listening_addrs())
         assert not relaying.active and node.relayed_addrs is None
+        nursery.cancel_scope.cancel()
+
+
+def test_a_dial_back_answers_for_the_requester_only():
+    me, other = ID(bytes([0, 1, 1])), ID(bytes([0, 1, 2]))
+    assert dial_back_for(me.to_bytes(), me) == me
+    assert dial_back_for(b"", me) == me  # a request that leaves its id out is the requester's
+    assert dial_back_for(other.to_bytes(), me) is None
+
+
+def test_a_dial_back_request_naming_another_peer_or_ip_dials_no_one_else():
+    trio.run(_dial_back_abuse)
+
+
+async def _dial_back_abuse() -> None:
+    accepted = {"127.0.0.1": 0, "127.0.0.2": 0}  # TCP connections third parties got from the answering node
+
+    async def count(stream) -> None:
+        accepted[stream.socket.getsockname()[0]] += 1
+        await stream.aclose()
+
+    async with (
+        open_host(create_new_key_pair(), LOOPBACK) as answering,
+        open_host(create_new_key_pair(), LOOPBACK) as requester,
+        open_host(create_new_key_pair(), LOOPBACK) as third,
+        trio.open_nursery() as nursery,
+    ):
+        listeners = [await nursery.start(functools.partial(trio.serve_tcp, count, 0, host=host)) for host in accepted]
+        port_on = {ls[0].socket.getsockname()[0]: ls[0].socket.getsockname()[1] for ls in listeners}
+        await requester.connect(PeerInfo(answering.get_id(), answering.get_transport_addrs()))
+
+        async def ask(peer_id: ID, addrs: list[str]) -> int:
+            request = Message(type=Message.DIAL)
+            request.dial.peer.id = peer_id.to_bytes()
+            request.dial.peer.addrs.extend(Multiaddr(a).to_bytes() for a in addrs)
+            stream = await requester.new_stream(answering.get_id(), [AUTONAT_PROTOCOL_ID])
+            await stream.write(encode_varint_prefixed(request.SerializeToString()))
+            with trio.fail_after(20):
+                answer = Message()
+                answer.ParseFromString(await read_varint_prefixed_bytes_limited(stream, 4096))
+            return answer.dialResponse.status
+
+        # another peer's id, at an address on the requester's own IP: refused, nothing dialled
+        third_addrs = [str(a) for a in third.get_transport_addrs()] + [f"/ip4/127.0.0.1/tcp/{port_on['127.0.0.1']}"]
+        assert await ask(third.get_id(), third_addrs) == Message.E_BAD_REQUEST
+        assert third.get_id() not in answering.get_network().connections
+        # the requester's own id, at another IP: only the requester's IP is dialled (that port at 127.0.0.1)
+        assert await ask(requester.get_id(), [f"/ip4/127.0.0.2/tcp/{port_on['127.0.0.2']}"]) == Message.E_DIAL_ERROR
+        assert accepted == {"127.0.0.1": 0, "127.0.0.2": 0}
+        # and its own addresses: reached
+        assert await ask(requester.get_id(), [str(a) for a in requester.get_transport_addrs()]) == Message.OK
         nursery.cancel_scope.cancel()

@@ -1,7 +1,7 @@
 """Can peers dial me? AutoNAT v1 (``/libp2p/autonat/1.0.0``) with a dial-back that proves it.
 
 Every node answers dial-back requests; a node asks the peers it is connected to and decides with
-`reachability_verdict`. py-libp2p 0.8.1's ``AutoNATService`` has the wire format and the client; two things
+`reachability_verdict`. py-libp2p 0.8.1's ``AutoNATService`` has the wire format and the client; three things
 of its server are fixed here (upstream note in docs/ARCHITECTURE.md):
 - It dials back with ``host.connect``, which returns at once when a connection to the requester exists, and it
   always does (the request came over it): every node was judged reachable. `DialBackService` opens a fresh
@@ -10,6 +10,9 @@ of its server are fixed here (upstream note in docs/ARCHITECTURE.md):
 - It dials only addresses whose IP equals the requester's observed IP, so a node behind NAT, which announces
   its private address, is never dialled (refused: no verdict). The spec's rule (dial nothing but the observed
   IP) is kept, applied to the ports the requester announces: ``observed IP : announced port``.
+- It answers for the peer id the request names: anyone could have a third peer's addresses tested (its Noise
+  handshake checked). `DialBackService` answers only for the requester, the peer at the other end of the
+  stream, and refuses a request that names another (E_BAD_REQUEST).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from libp2p.abc import IHost, INetStream
 from libp2p.host.autonat.autonat import AUTONAT_PROTOCOL_ID, AutoNATService
 from libp2p.host.autonat.pb.autonat_pb2 import Message
 from libp2p.peer.id import ID
+from libp2p.utils.varint import encode_varint_prefixed, read_varint_prefixed_bytes_limited
 from multiaddr import Multiaddr
 
 logger = logging.getLogger(__name__)
@@ -33,6 +37,7 @@ ASK_TIMEOUT_S = 15.0  # one dial-back request: the peer's dials (at most MAX_DIA
 MAX_DIALS_PER_REQUEST = 4
 MAX_CONCURRENT_REQUESTS = 4  # a node answers this many dial-back requests at once; more are refused
 MAX_PEERS_ASKED = 4
+MAX_REQUEST_BYTES = 4096  # a request names one peer and a few addresses
 
 
 class Reachability(enum.StrEnum):
@@ -93,8 +98,18 @@ def dial_back_addrs(announced: Iterable[bytes], observed_ip: str | None) -> list
     return out[:MAX_DIALS_PER_REQUEST]
 
 
+def dial_back_for(claimed: bytes, requester: ID) -> ID | None:
+    """The peer a dial-back request may be answered for: the requester (the peer at the other end of the stream),
+    whether the request names it or leaves the id out; None when it names another peer. The dial proves the peer
+    id by its Noise handshake, so answering for a named third peer would test that peer's addresses for anyone."""
+    if not claimed or claimed == requester.to_bytes():
+        return requester
+    return None
+
+
 class DialBackService(AutoNATService):
-    """AutoNAT v1 whose server dials back on a fresh connection (see the module docstring)."""
+    """AutoNAT v1 whose server dials back on a fresh connection, for the requester only (see the module
+    docstring)."""
 
     def __init__(self, host: IHost) -> None:
         super().__init__(host, serve=False)  # type: ignore[arg-type]
@@ -112,6 +127,28 @@ class DialBackService(AutoNATService):
                 await self.handle_stream(stream)
         finally:
             self._answering.release()
+
+    async def handle_stream(self, stream: INetStream) -> None:
+        """One request: a dial-back for the requester's own peer id (`dial_back_for`; a request naming another is
+        refused, E_BAD_REQUEST), at the requester's observed IP only (`dial_back_addrs`)."""
+        try:
+            request = Message()
+            request.ParseFromString(await read_varint_prefixed_bytes_limited(stream, MAX_REQUEST_BYTES))
+            requester = stream.muxed_conn.peer_id
+            answer_for = dial_back_for(bytes(request.dial.peer.id), requester)
+            if request.type == Message.DIAL and answer_for is None:
+                response = Message(type=Message.DIAL_RESPONSE)
+                response.dialResponse.status = Message.E_BAD_REQUEST
+                response.dialResponse.statusText = "a dial-back is only for the requester's own peer id"
+            else:
+                request.dial.peer.id = requester.to_bytes()
+                relayed = _over_relayed_connection(stream)
+                response = await self._handle_request(request, self._observed_ip(stream), relayed)
+            await stream.write(encode_varint_prefixed(response.SerializeToString()))
+        except Exception as e:  # noqa: BLE001 - a garbled, slow or vanished requester gets no answer
+            logger.debug("dial-back request failed: %r", e)
+        finally:
+            await stream.close()
 
     @staticmethod
     def _filter_by_observed_ip(addrs: list[bytes], observed_ip: str | None) -> list[bytes]:
@@ -135,6 +172,15 @@ class DialBackService(AutoNATService):
             except Exception as e:  # noqa: BLE001 - any failure is "not reachable there"
                 logger.debug("dial-back to %s at %s failed: %r", peer_id, addr, e)
         return None
+
+
+def _over_relayed_connection(stream: INetStream) -> bool:
+    """Whether `stream` came through a relay (then the requester's IP is the relay's: refused, as the spec says);
+    a connection that cannot say counts as relayed."""
+    try:
+        return any("/p2p-circuit" in str(a) for a in stream.muxed_conn.get_transport_addresses())
+    except Exception:  # noqa: BLE001 - cannot tell: refuse
+        return True
 
 
 def serves_dial_back(host: IHost, peer: ID) -> bool:
