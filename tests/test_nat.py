@@ -1,8 +1,9 @@
 """Servers behind NAT, for real: two homes behind masquerading routers (nftables, in network namespaces) and a
 public network with two relays and a client. The servers cannot be dialled, learn it, reserve at both relays and
-serve through them; the client's steps go through a relay and the push between the two homes too; relay A dies
-mid-session, the servers re-announce themselves through relay B, and the session goes on through B with the
-same output. Processes and namespaces are removed at the end, even on failure."""
+serve through them; the client's steps go through a relay and the push between the two homes too, until hole
+punching makes the connection between the homes direct (both servers report it, from their live connections);
+relay A dies mid-session, the servers re-announce themselves through relay B, the session goes on through B with
+the same output, and the direct connection between the homes outlives relay A. Processes and namespaces are removed at the end, even on failure."""
 
 from __future__ import annotations
 

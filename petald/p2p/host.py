@@ -324,6 +324,8 @@ async def open_host(
         background_trio_service(punching),
     ):
         await circuits.event_started.wait()
+        await punching.event_started.wait()
+        punching.take_part()
         host.circuits, host.hole_punching = circuits, punching
         yield host
 

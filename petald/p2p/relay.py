@@ -34,6 +34,7 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
 from libp2p.relay.circuit_v2.dcutr import MAX_HOLE_PUNCH_ATTEMPTS, DCUtRProtocol
+from libp2p.relay.circuit_v2.dcutr import PROTOCOL_ID as DCUTR_PROTOCOL_ID
 from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage, Limit, StopMessage
 from libp2p.relay.circuit_v2.pb.circuit_pb2 import PeerId as CircuitPeerId
 from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL_ID
@@ -295,9 +296,24 @@ class HolePunching(DCUtRProtocol):
                 continue
             if self._hole_punch_attempts.get(peer_id, 0) >= MAX_HOLE_PUNCH_ATTEMPTS:
                 continue
+            if not self._speaks_dcutr(peer_id):
+                continue
             if conns and not any(is_direct(c) for c in conns) and self._connected_through_relay(peer_id):
                 out.append(peer_id)
         return out
+
+    def _speaks_dcutr(self, peer_id: ID) -> bool:
+        """Whether the peer's identify lists DCUtR (a Petal host on loopback only does not: `take_part`)."""
+        try:
+            return str(DCUTR_PROTOCOL_ID) in (self.host.get_peerstore().get_protocols(peer_id) or [])
+        except Exception:  # noqa: BLE001 - not identified yet
+            return False
+
+    def take_part(self) -> None:
+        """Once the host listens: a host that listens on loopback only stops answering DCUtR, so identify tells
+        peers not to try (a punch to it cannot work)."""
+        if not self._punchable():
+            self.host.remove_stream_handler(DCUTR_PROTOCOL_ID)
 
     async def _drive(self, peer_id: ID) -> None:
         try:
