@@ -3,7 +3,8 @@ public network with two relays and a client. The servers cannot be dialled, lear
 serve through them; the client's steps go through a relay and the push between the two homes too, until hole
 punching makes the connection between the homes direct (both servers report it, from their live connections);
 relay A dies mid-session, the servers re-announce themselves through relay B, the session goes on through B with
-the same output, and the direct connection between the homes outlives relay A. Processes and namespaces are removed at the end, even on failure."""
+the same output, and the direct connection between the homes outlives relay A. Processes and namespaces are
+removed at the end, even on failure."""
 
 from __future__ import annotations
 
