@@ -267,13 +267,13 @@ class HolePunching(DCUtRProtocol):
     (`_dial_peer`), says once per peer in the node's log which way it went, and keeps which peers it reached
     through a relay (`punched` : those of them it now holds a direct connection to)."""
 
+    DRIVE_PERIOD_S = 2.0
+
     def __init__(self, host: IHost) -> None:
         super().__init__(host)
         self.outcome: dict[ID, bool] = {}
-        self.relayed_peers: set[ID] = set()  # peers that were connected here through a relay
+        self.relayed_peers: set[ID] = set()  # connected peers that were connected here through a relay
         self._driving: set[ID] = set()  # peers this side's attempt runs for now
-
-    DRIVE_PERIOD_S = 2.0
 
     async def _auto_drive_loop(self) -> None:
         # upstream's loop awaits each peer's whole attempt in turn (tens of seconds for a peer that cannot be
@@ -331,6 +331,8 @@ class HolePunching(DCUtRProtocol):
     def punched(self) -> list[ID]:
         """Peers first reached through a relay that this host now reaches over a direct connection."""
         network = self.host.get_network()
+        self.relayed_peers = {p for p in self.relayed_peers if network.get_connections(p)}  # forget peers gone
+        self.outcome = {p: direct for p, direct in self.outcome.items() if p in self.relayed_peers}
         return sorted((p for p in self.relayed_peers if any(is_direct(c) for c in network.get_connections(p))), key=str)
 
     async def _get_observed_addrs(self) -> list[bytes]:
@@ -362,9 +364,6 @@ class HolePunching(DCUtRProtocol):
     async def _handle_dcutr_stream(self, stream: INetStream) -> None:
         # the peer drives the upgrade (both sides may, at once): this side dials when the peer's SYNC comes
         peer_id = stream.muxed_conn.peer_id
-        if not self._punchable():
-            await stream.reset()
-            return
         if _over_relayed_connection(stream):
             self.relayed_peers.add(peer_id)
         await super()._handle_dcutr_stream(stream)
