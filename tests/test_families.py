@@ -8,6 +8,7 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -192,3 +193,30 @@ def test_make_tiny_model_writes_any_family_reproducibly(tmp_path):
     again = make_tiny_model("qwen3_moe", tmp_path / "again", num_layers=3)
     first, second = load_file(out / "model.safetensors"), load_file(again / "model.safetensors")
     assert first.keys() == second.keys() and all(torch.equal(first[name], second[name]) for name in first)
+
+
+def test_building_parts_in_threads_leaves_other_modules_alone(tiny_family):
+    """Spans and client parts are built on the meta device in a thread-local way: modules built at the same time in
+    other threads (a server loading while a client builds its model, in one process) get real parameters."""
+    model_dir = tiny_family("gemma2")
+    errors: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            for _ in range(5):
+                load_client_parts(model_dir)
+                Span.load(model_dir, 0, 2)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=load) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    built = []
+    while any(thread.is_alive() for thread in threads):
+        built.append(torch.nn.Linear(4, 4).weight.device.type)
+    for thread in threads:
+        thread.join()
+    assert not errors and set(built) == {"cpu"}
+    parts, _ = load_client_parts(model_dir)
+    assert parts.embed_tokens.embed_scale.item() == 8.0  # Gemma's sqrt(hidden) scale, a real buffer

@@ -32,16 +32,24 @@ FULL, SLIDING = "full_attention", "sliding_attention"
 
 def skeleton(config: PretrainedConfig) -> PreTrainedModel:
     """transformers' causal LM for `config` without any decoder layer: parameters on the meta device (no memory),
-    buffers (rotary frequencies, Gemma's embedding scale) real, on the CPU."""
-    from accelerate import init_empty_weights
-
+    non-persistent buffers (Gemma's embedding scale, rotary frequencies) real, on the CPU, initialised by the
+    model's own `_init_weights` as transformers' loading initialises them."""
     config = copy.deepcopy(config)
     config.num_hidden_layers = 0
     if getattr(config, "layer_types", None) is not None:
         config.layer_types = []
-    # the device context overrides an enclosing meta one (loading builds modules inside one): buffers stay real
-    with torch.device("cpu"), init_empty_weights(include_buffers=False):
-        return AutoModelForCausalLM.from_config(config)
+    with torch.device("meta"):  # a thread-local mode: other threads building modules meanwhile are not affected
+        model = AutoModelForCausalLM.from_config(config)
+    owners = {}
+    for key, buffer in model.named_non_persistent_buffers():
+        owner_name, _, name = key.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        owner._buffers[name] = torch.empty_like(buffer, device="cpu")
+        owners[id(owner)] = owner
+    with torch.no_grad(), torch.device("cpu"):  # the device context overrides an enclosing meta one
+        for owner in owners.values():
+            model._init_weights(owner)
+    return model
 
 
 @dataclass(frozen=True)
