@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from petald.models.checkpoints import make_tiny_bloom, make_tiny_llama, prepare_builtin
+from petald.models.checkpoints import make_tiny_bloom, make_tiny_llama, make_tiny_model, prepare_builtin
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -40,6 +40,20 @@ def tiny_llama(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_bloom(tmp_path_factory) -> Path:
     return make_tiny_bloom(tmp_path_factory.mktemp("models") / "tiny-bloom")
+
+
+@pytest.fixture(scope="session")
+def tiny_family(tmp_path_factory, tiny_llama, tiny_bloom):
+    """make(family) -> the tiny random checkpoint of that family (scripts/make_tiny_model --family), made once per
+    test session, in a directory named tiny-<family> (its name in a swarm)."""
+    made = {"llama": tiny_llama, "bloom": tiny_bloom}
+
+    def make(family: str) -> Path:
+        if family not in made:
+            made[family] = make_tiny_model(family, tmp_path_factory.mktemp("models") / f"tiny-{family}")
+        return made[family]
+
+    return make
 
 
 @pytest.fixture(scope="session", params=["tiny_llama", "tiny_bloom"])

@@ -51,7 +51,7 @@ def peft_blocks(peft_model: PeftModel, hidden: torch.Tensor, start: int, end: in
     """Blocks [start, end) of `peft_model` run on `hidden`: hooks swap the input of block `start` and catch the
     output of block `end - 1` in a pass of the whole model (autograd flows from the output back to `hidden`)."""
     model = peft_model.get_base_model()
-    blocks = model.model.layers if model.config.model_type == "llama" else model.transformer.h
+    blocks = next(child for child in model.base_model.children() if isinstance(child, torch.nn.ModuleList))
     caught = []
 
     def swap_input(block, args, kwargs):

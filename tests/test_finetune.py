@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from petal_client.model import DistributedModelForCausalLM, DistributedModelForSequenceClassification
 from petald.local_swarm import local_swarm
-from petald.models.llama import positions_from_mask
+from petald.models.generic import positions_from_mask
 from petald.serving.span import Span
 
 FAST = ["--throughput", "100", "--heartbeat", "2", "--expiry", "6", "--port", "0"]

@@ -365,6 +365,86 @@ def make_tiny_bloom(out_dir: str | Path, num_layers: int = 6, seed: int = 0) -> 
     return _save_random_model(BloomForCausalLM, config, tokenizer, Path(out_dir), seed)
 
 
+TINY_FAMILIES = (
+    "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma2", "gemma3", "phi3", "falcon",
+    "bloom",
+)  # fmt: skip
+TINY_SLIDING_WINDOW = 8  # of the tiny models with sliding-window layers: a prompt longer than it exercises them
+
+
+def _tiny_config(family: str, num_layers: int, tokenizer: PreTrainedTokenizerFast) -> PreTrainedConfig:
+    """The config of a tiny random model of `family` (hidden 64, 4 heads of 16, 2 KV heads where the family has
+    them, MoE with 4 experts, 2 per token)."""
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=_TINY_MAX_POSITIONS,
+        # Wider than the default 0.02, which makes greedy decoding repeat one token: varied tokens exercise the cache
+        initializer_range=0.2,
+        **_special_token_ids(tokenizer),
+    )
+    moe = dict(num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=2)  # odd layers sparse
+    window = TINY_SLIDING_WINDOW
+    # the tiny models' layer types: sliding-window and full attention layers in every span of a few blocks. The
+    # Gemma heads are untied: tied, these random models repeat one token (their tied path is Llama's, Qwen3's...)
+    alternating = ["sliding_attention" if n % 3 != 2 else "full_attention" for n in range(num_layers)]
+    match family:
+        case "mistral":  # a sliding window on every layer, as Mistral 7B v0.1
+            return transformers.MistralConfig(**common, sliding_window=window, head_dim=16, tie_word_embeddings=False)
+        case "mixtral":
+            return transformers.MixtralConfig(
+                **common, num_local_experts=4, num_experts_per_tok=2, head_dim=16, tie_word_embeddings=False
+            )
+        case "qwen2":  # Qwen2's optional sliding window, on its upper layers
+            return transformers.Qwen2Config(
+                **common, use_sliding_window=True, sliding_window=window, max_window_layers=num_layers // 2,
+                tie_word_embeddings=True,
+            )  # fmt: skip
+        case "qwen2_moe":
+            return transformers.Qwen2MoeConfig(
+                **common, **moe, num_experts=4, shared_expert_intermediate_size=64, tie_word_embeddings=False
+            )
+        case "qwen3":
+            return transformers.Qwen3Config(**common, head_dim=16, tie_word_embeddings=True)
+        case "qwen3_moe":
+            return transformers.Qwen3MoeConfig(**common, **moe, num_experts=4, head_dim=16, tie_word_embeddings=False)
+        case "gemma2":  # soft-capped attention and logits, sliding and global layers alternating
+            return transformers.Gemma2Config(
+                **common, head_dim=16, query_pre_attn_scalar=16, sliding_window=window, attn_logit_softcapping=50.0,
+                final_logit_softcapping=30.0, tie_word_embeddings=False,
+            )  # fmt: skip
+        case "gemma3":  # local (sliding, rope theta 10k) and global (rope theta 1M) layers
+            return transformers.Gemma3TextConfig(
+                **common, head_dim=16, query_pre_attn_scalar=16, sliding_window=window, layer_types=alternating,
+                tie_word_embeddings=False,
+            )  # fmt: skip
+        case "phi3":
+            return transformers.Phi3Config(**common, tie_word_embeddings=False)
+        case "falcon":  # rotary, the new decoder architecture (Falcon 40B/180B style) as transformers' tiny ones
+            del common["intermediate_size"], common["num_key_value_heads"]
+            return transformers.FalconConfig(
+                **common, num_kv_heads=2, ffn_hidden_size=128, new_decoder_architecture=True, alibi=False,
+                bias=False, tie_word_embeddings=True,
+            )  # fmt: skip
+    raise ValueError(f"no tiny model for family {family!r}: use one of {', '.join(TINY_FAMILIES)}")
+
+
+def make_tiny_model(family: str, out_dir: str | Path, num_layers: int = 6, seed: int = 0) -> Path:
+    """Write a tiny random model of `family` (one of TINY_FAMILIES) with the tiny tokenizer to `out_dir`; the same
+    arguments always give the same weights."""
+    if family == "llama":
+        return make_tiny_llama(out_dir, num_layers, seed)
+    if family == "bloom":
+        return make_tiny_bloom(out_dir, num_layers, seed)
+    tokenizer = make_tiny_tokenizer()
+    config = _tiny_config(family, num_layers, tokenizer)
+    return _save_random_model(AutoModelForCausalLM, config, tokenizer, Path(out_dir), seed)
+
+
 def _special_token_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
     return {
         "bos_token_id": tokenizer.bos_token_id,
@@ -374,7 +454,7 @@ def _special_token_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
 
 
 def _save_random_model(
-    model_class: type[PreTrainedModel],
+    model_class: type[PreTrainedModel] | type[AutoModelForCausalLM],
     config: PreTrainedConfig,
     tokenizer: PreTrainedTokenizerFast,
     out_dir: Path,
@@ -384,7 +464,7 @@ def _save_random_model(
     # A private RNG state: the caller's torch random stream is left as it was.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = model_class(config)
+        model = model_class.from_config(config) if model_class is AutoModelForCausalLM else model_class(config)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir

@@ -45,7 +45,7 @@ def load_span_module(
     check_span(config, start, end)
     family = family_for(config)
     prefixes = tuple(family.block_prefix(i) for i in range(start, end))
-    tensors = read_tensors(model_dir, lambda name: name.startswith(prefixes), dtype)
+    tensors = family.convert_checkpoint(config, read_tensors(model_dir, lambda name: name.startswith(prefixes), dtype))
     with torch.device("meta"):
         span = family.span_class(config, start, end)
     state = {span.local_name(name, start): tensor for name, tensor in tensors.items()}
@@ -59,14 +59,14 @@ def load_client_parts(model_dir: Path, dtype: torch.dtype = torch.float32) -> tu
 
     config = load_config(model_dir)
     family = family_for(config)
-    names = family.client_class.checkpoint_names
-    tensors = read_tensors(model_dir, lambda name: name in names.values(), dtype)
-    local = {mine: tensors[theirs] for mine, theirs in names.items() if theirs in tensors}
-    for mine, source in family.client_class.tied.items():
-        if mine not in local and getattr(config, "tie_word_embeddings", False) and source in local:
-            local[mine] = local[source]
     with torch.device("meta"):
         parts = family.client_class(config)
+    names = parts.checkpoint_names  # local name -> checkpoint name
+    tensors = read_tensors(model_dir, lambda name: name in names.values(), dtype)
+    local = {mine: tensors[theirs] for mine, theirs in names.items() if theirs in tensors}
+    for mine, source in parts.tied.items():
+        if mine not in local and getattr(config, "tie_word_embeddings", False) and source in local:
+            local[mine] = local[source]
     _load_exactly(parts, local, f"the client parts of {model_dir}")
     return parts.eval(), config
 

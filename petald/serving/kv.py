@@ -84,7 +84,7 @@ class StepCache:
 
     Passed to the decoder layers as their cache: `update` stores each session's new keys and values in its own
     buffers and returns what the attention attends to. The span builds its mask and positions from
-    `key_mask`, `offsets` (attention_bias, position_ids)."""
+    `key_mask`, `offsets` (attention_bias, position_ids); a sliding-window layer gets a bias of its own."""
 
     def __init__(self, parts: Sequence[StepRows], new_tokens: int):
         self.parts = list(parts)
@@ -122,12 +122,15 @@ class StepCache:
         index = self.offsets[:, None] + torch.arange(self.new_tokens)[None, :]
         return positions.gather(1, index)
 
-    def attention_bias(self, dtype: torch.dtype) -> torch.Tensor:
+    def attention_bias(self, dtype: torch.dtype, sliding_window: int | None = None) -> torch.Tensor:
         """[rows, 1, new tokens, keys], added to attention scores: 0 where a new token may attend (its row's real
-        tokens up to itself), the dtype's minimum elsewhere."""
+        tokens up to itself; with `sliding_window`, only the last `sliding_window` of its row's slots, itself
+        included, as transformers' sliding-window layers count them, padding too), the dtype's minimum elsewhere."""
         keys = torch.arange(self.key_length)[None, None, None, :]
         queries = self.offsets[:, None, None, None] + torch.arange(self.new_tokens)[None, None, :, None]
         allowed = (keys <= queries) & self.key_mask[:, None, None, :].bool()
+        if sliding_window is not None:
+            allowed &= keys > queries - sliding_window
         bias = torch.zeros(allowed.shape, dtype=dtype)
         return bias.masked_fill(~allowed, torch.finfo(dtype).min)
 
