@@ -18,7 +18,11 @@ def main(argv: list[str] | None = None) -> int:
         "prepare", help="convert a built-in model or a GGUF file into a safetensors checkpoint in the model cache"
     )
     prepare.add_argument("name", nargs="?", help="built-in model name (e.g. smollm2-135m)")
-    prepare.add_argument("--gguf", type=Path, help="a Llama-family GGUF file to convert")
+    prepare.add_argument(
+        "--gguf",
+        type=Path,
+        help="a GGUF file to convert (Llama, Mistral, Qwen2/3 and their MoE, Falcon, Phi-3, BLOOM, Gemma 2/3)",
+    )
     prepare.add_argument("--name", dest="gguf_name", help="the name to give the converted --gguf model")
 
     keygen = commands.add_parser("keygen", help="write a new Ed25519 node identity and print its peer id")

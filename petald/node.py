@@ -21,7 +21,7 @@ from multiaddr import Multiaddr
 import petald
 from petald.config import ConfigError, NodeConfig
 from petald.metrics import NodeMetrics, serving_metrics
-from petald.models.loading import check_span, load_config, num_blocks
+from petald.models.loading import check_span, load_config, num_blocks, release_free_memory
 from petald.p2p.bandwidth import BANDWIDTH_PROTOCOL, handle_bandwidth_probe, measure_bandwidth
 from petald.p2p.dht import MAX_DIRECT_PEERS, ServerEntry, ServerState, SwarmDHT, open_swarm_dht
 from petald.p2p.host import PetalHost, connect, full_addrs, load_or_create_identity, open_host, peer_id_of
@@ -40,7 +40,7 @@ from petald.serving.handlers import (
     ServingOptions,
     SpanServer,
 )
-from petald.serving.span import Span
+from petald.serving.span import Span, block_weight_bytes, weight_bytes
 from petald.serving.throughput import (
     announced_throughput,
     cached_throughput,
@@ -486,6 +486,16 @@ def _loaded_and_warm(model_dir: Path, start: int, end: int, config: NodeConfig) 
     is not announced ONLINE before it is ready to answer as fast as it will."""
     span = Span.load(model_dir, start, end, config.quant, config.adapter_paths())
     span.step(span.new_session(1, 1), torch.zeros(1, 1, span.hidden_size))
+    if config.quant != "none":
+        release_free_memory()  # the first pass's temporaries (dequantized weights), freed but kept by malloc
+    log.info(
+        "blocks %d:%d hold %.1f MB of weights (%s: %.1f MB a block)",
+        start,
+        end,
+        weight_bytes(span.module) / 2**20,
+        config.quant,
+        block_weight_bytes(span.config, config.quant) / 2**20,
+    )
     return span
 
 

@@ -149,7 +149,8 @@ def prepare_builtin(name: str) -> Path:
 
 
 def prepare_gguf(gguf_path: str | Path, name: str, progress: bool = True) -> Path:
-    """Convert a Llama-family GGUF file into the fp32 Hugging Face directory `<cache>/<name>/` and return it.
+    """Convert a GGUF file of one of `GGUF_ARCHITECTURES` into the fp32 Hugging Face directory `<cache>/<name>/`
+    and return it.
 
     The directory holds config.json, model.safetensors, the tokenizer with its chat template,
     generation_config.json and the marker file. It appears complete or not at all: it is written next to
@@ -165,11 +166,7 @@ def prepare_gguf(gguf_path: str | Path, name: str, progress: bool = True) -> Pat
         with tqdm(total=4, file=sys.stderr, disable=not progress, unit="step") as bar:
             bar.set_description(f"{name}: reading GGUF header")
             architecture = gguf_architecture(gguf_path)
-            if architecture != "llama":
-                raise CheckpointError(
-                    f"{gguf_path.name} holds a {architecture!r} model; Petal converts only Llama-family "
-                    f"GGUF files (general.architecture 'llama')"
-                )
+            check_gguf_architecture(architecture, gguf_path)
             bar.update()
 
             bar.set_description(f"{name}: reading and dequantizing GGUF weights")
@@ -214,6 +211,32 @@ def prepare_gguf(gguf_path: str | Path, name: str, progress: bool = True) -> Pat
     finally:
         shutil.rmtree(partial, ignore_errors=True)  # gone already after a successful rename
     return target
+
+
+# The `general.architecture` values of GGUF files that Petal converts: those of the families it serves that
+# transformers can read from GGUF (a Mistral GGUF says 'llama', and transformers tells it by its name).
+GGUF_ARCHITECTURES = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen2moe",
+    "qwen3",
+    "qwen3moe",
+    "falcon",
+    "phi3",
+    "bloom",
+    "gemma2",
+    "gemma3",
+)
+
+
+def check_gguf_architecture(architecture: str, gguf_path: Path) -> None:
+    """CheckpointError naming the convertible architectures unless `architecture` is one of them."""
+    if architecture not in GGUF_ARCHITECTURES:
+        raise CheckpointError(
+            f"{gguf_path.name} holds a {architecture!r} model (general.architecture); Petal converts GGUF files "
+            f"of these architectures only: {', '.join(GGUF_ARCHITECTURES)}"
+        )
 
 
 def gguf_architecture(gguf_path: Path) -> str:

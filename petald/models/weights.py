@@ -35,11 +35,18 @@ def weight_files(model_dir: Path) -> dict[str, Path]:
 
 
 def read_tensors(
-    model_dir: Path, wanted: Callable[[str], bool], dtype: torch.dtype | None = None
+    model_dir: Path,
+    wanted: Callable[[str], bool],
+    dtype: torch.dtype | None = None,
+    files: dict[str, Path] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Load only the tensors whose checkpoint name satisfies `wanted`, optionally cast to `dtype`."""
+    """Load only the tensors whose checkpoint name satisfies `wanted`, optionally cast to `dtype`; `files` is
+    `weight_files(model_dir)` if the caller has it already.
+
+    A tensor read in its own dtype is a view of the file's memory mapping (its pages are read when first used
+    and shared with the page cache); the mapping stays while any tensor read from it lives."""
     by_file: dict[Path, list[str]] = {}
-    for name, file in weight_files(model_dir).items():
+    for name, file in (weight_files(model_dir) if files is None else files).items():
         if wanted(name):
             by_file.setdefault(file, []).append(name)
     tensors: dict[str, torch.Tensor] = {}

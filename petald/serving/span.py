@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Generator, Iterator, Mapping
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from petald.serving.adapters import (
 )
 from petald.serving.kv import SessionCache, StepCache, StepRows
 
+NF4_BLOCKSIZE = 64  # values per absmax of an nf4 weight
 CHUNK_TOKENS = 1024  # batch x tokens of one job of a long forward pass: bounds its attention memory and its time
 T = TypeVar("T")
 
@@ -91,9 +93,9 @@ class Span:
         the LoRA `adapters` (name -> peft adapter directory) on them."""
         if quant not in QUANTS:
             raise PetalError(f"unknown quantization {quant!r}: use one of {', '.join(QUANTS)}")
-        module, config = load_span_module(model_dir, start, end)
-        if quant != "none":
-            quantize_linears(module, quant)
+        # quantized block by block: one block's full-precision weights at a time, none of them kept
+        prepare = None if quant == "none" else functools.partial(quantize_linears, quant=quant)
+        module, config = load_span_module(model_dir, start, end, prepare_block=prepare)
         if adapters:
             attach_adapters(
                 module, {name: load_lora_adapter(path, config, start, end) for name, path in adapters.items()}
@@ -331,14 +333,16 @@ def run_jobs(jobs: Iterator[T | None]) -> T:
 
 
 def quantize_linears(module: nn.Module, quant: str) -> None:
-    """Replace every nn.Linear inside `module` by its bitsandbytes int8 or nf4 counterpart, in place."""
+    """Replace every nn.Linear inside `module` by its bitsandbytes int8 or nf4 counterpart, in place; those still
+    on the meta device (blocks not loaded yet) are left as they are. The new layer holds only the quantized
+    weight: the full-precision one is dropped with the old layer."""
     import bitsandbytes as bnb
 
     # bitsandbytes logs a line per call on CPU; nothing in it is actionable for a node operator
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is not nn.Linear:
+            if type(child) is not nn.Linear or child.weight.is_meta:
                 continue
             weight = child.weight.data
             bias = child.bias
@@ -355,7 +359,80 @@ def quantize_linears(module: nn.Module, quant: str) -> None:
                 layer = bnb.nn.LinearNF4(
                     child.in_features, child.out_features, bias=bias is not None, compute_dtype=weight.dtype
                 )
-                layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", blocksize=64)
+                layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", blocksize=NF4_BLOCKSIZE)
             if bias is not None:
                 layer.bias = nn.Parameter(bias.data, requires_grad=False)
+            # bitsandbytes picks its CPU kernels by the layer's mode; in training mode (a new module's), int8 layers
+            # dequantize the weight and multiply in fp32 and nf4 layers dequantize it for each pass (no repacking for
+            # AVX512-BF16): Petal has always run them so, and its measured accuracy (README, Quantization) is theirs.
+            # Nothing else of a layer depends on its mode, and no gradient flows into these frozen weights.
+            layer.train()
             setattr(parent, name, layer.to(weight.device))
+
+
+def quantized_linear_bytes(out_features: int, in_features: int, quant: str) -> int:
+    """The bytes of one Linear layer's weight (bias aside) as `quant` stores it: fp32 for "none"; int8: a byte a
+    value plus one fp32 scale a row; nf4 (blocks of 64, statistics compressed as bitsandbytes' Params4bit does): half
+    a byte a value, a uint8 absmax a block, an fp32 absmax for every 256 of those, and the two code tables."""
+    values = out_features * in_features
+    if quant == "none":
+        return 4 * values
+    if quant == "int8":
+        return values + 4 * out_features
+    if quant == "nf4":
+        blocks = -(-values // NF4_BLOCKSIZE)
+        return -(-values // 2) + blocks + 4 * -(-blocks // 256) + 4 * (16 + 256 + 1)
+    raise PetalError(f"unknown quantization {quant!r}: use one of {', '.join(QUANTS)}")
+
+
+def block_weight_bytes(config: PretrainedConfig, quant: str) -> int:
+    """What one block of `config`'s model costs in memory once loaded with `quant`, computed from its parameters'
+    shapes (a block built on the meta device: nothing is read or allocated): every Linear as `quant` stores it, the
+    rest (norms, biases) in fp32. With several kinds of blocks, the largest."""
+    from petald.models.loading import num_blocks
+    from petald.models.registry import family_for
+
+    family = family_for(config)
+    with torch.device("meta"):
+        span = family.span_class(config, 0, num_blocks(config))
+    sizes = []
+    for block in _blocks(span):
+        size = 0
+        for module in block.modules():
+            for name, param in module.named_parameters(recurse=False):
+                if type(module) is nn.Linear and name == "weight":
+                    size += quantized_linear_bytes(module.out_features, module.in_features, quant)
+                else:
+                    size += 4 * param.numel()
+        sizes.append(size)
+    return max(sizes)
+
+
+def weight_bytes(module: nn.Module) -> int:
+    """The bytes that `module`'s weights hold, measured: every parameter and buffer, and the scales and code
+    tables that bitsandbytes keeps beside quantized weights; storages shared by several tensors count once."""
+    tensors: dict[int, int] = {}
+
+    def add(tensor: torch.Tensor | None) -> None:
+        if isinstance(tensor, torch.Tensor) and not tensor.is_meta:
+            storage = tensor.untyped_storage()
+            tensors[storage.data_ptr()] = storage.nbytes()
+
+    for tensor in [*module.parameters(), *module.buffers()]:
+        add(tensor)
+        add(getattr(tensor, "SCB", None))  # int8: a scale a row
+        state = getattr(tensor, "quant_state", None)  # nf4: absmax, code, and their nested statistics
+        while state is not None:
+            add(state.absmax)
+            add(state.code)
+            add(getattr(state, "offset", None))
+            state = getattr(state, "state2", None)
+    return sum(tensors.values())
+
+
+def _blocks(span: nn.Module) -> list[nn.Module]:
+    """The blocks of a span: the modules of its (first) ModuleList."""
+    for module in span.modules():
+        if isinstance(module, nn.ModuleList):
+            return list(module)
+    raise SpanError(f"{type(span).__name__} holds its blocks in no ModuleList")
