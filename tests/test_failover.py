@@ -42,7 +42,7 @@ def expected_tokens(model_dir, prompt) -> torch.Tensor:
     return local.generate(prompt, max_new_tokens=NEW_TOKENS, eos_token_id=None)
 
 
-def test_kill_9_at_a_random_step_ten_times_output_unchanged(tiny_llama, tmp_path, env):
+def test_kill_9_at_a_random_step_four_times_output_unchanged(tiny_llama, tmp_path, env):
     rng = random.Random(7)
     prompt = torch.tensor([[3, 14, 15, 92, 65, 35]])
     expected = expected_tokens(tiny_llama, prompt)
@@ -51,7 +51,7 @@ def test_kill_9_at_a_random_step_ten_times_output_unchanged(tiny_llama, tmp_path
         servers = {node.peer_id: node for node in nodes}
         model = DistributedModelForCausalLM.from_pretrained(str(tiny_llama), initial_peers=[first.addr])
         try:
-            for trial in range(10):
+            for trial in range(4):  # each trial starts a replacement server: 10 took 4 min of the suite
                 with model.inference_session(max_length=64) as conversation:
 
                     def kill_current():
