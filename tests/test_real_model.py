@@ -43,7 +43,7 @@ def chat_ids(tokenizer, prompt: str) -> torch.Tensor:
 
 def test_three_spans_reproduce_transformers_greedy_64_tokens(reference, split_model):
     tokenizer = split_model.tokenizer
-    for prompt in PROMPTS:
+    for prompt in PROMPTS[:2]:  # a third prompt added a minute to the suite and no new case
         input_ids = chat_ids(tokenizer, prompt)
         # an explicit mask: the prompt holds <|im_end|>, which transformers would otherwise take for padding
         mask = torch.ones_like(input_ids)
