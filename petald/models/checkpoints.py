@@ -353,21 +353,7 @@ def make_tiny_llama(out_dir: str | Path, num_layers: int = 6, seed: int = 0) -> 
     """Write a random Llama (hidden 64, 4 heads, 2 KV heads, head tied to the embeddings like SmolLM2's)
     with its tokenizer to `out_dir`; the same arguments always give the same weights."""
     tokenizer = make_tiny_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=_TINY_MAX_POSITIONS,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=True,
-        # Wider than the default 0.02, which makes greedy decoding repeat one token: varied tokens
-        # exercise the KV cache.
-        initializer_range=0.2,
-        **_special_token_ids(tokenizer),
-    )
+    config = _tiny_config("llama", num_layers, tokenizer)
     return _save_random_model(LlamaForCausalLM, config, tokenizer, Path(out_dir), seed)
 
 
@@ -416,6 +402,8 @@ def _tiny_config(family: str, num_layers: int, tokenizer: PreTrainedTokenizerFas
     # Gemma heads are untied: tied, these random models repeat one token (their tied path is Llama's, Qwen3's...)
     alternating = ["sliding_attention" if n % 3 != 2 else "full_attention" for n in range(num_layers)]
     match family:
+        case "llama":
+            return LlamaConfig(**common, rms_norm_eps=1e-5, tie_word_embeddings=True)  # head tied, like SmolLM2's
         case "mistral":  # a sliding window on every layer, as Mistral 7B v0.1
             return transformers.MistralConfig(**common, sliding_window=window, head_dim=16, tie_word_embeddings=False)
         case "mixtral":
