@@ -183,12 +183,15 @@ def test_int8_span_with_adapter_is_close_to_fp32(tiny_llama, tmp_path):
     int8 = span_with_adapters(tiny_llama, 0, 6, {"lora": path}, quant="int8")
     wrapped = [m for m in int8.module.modules() if isinstance(m, LoraLinear)]
     assert len(wrapped) == 18 and all(isinstance(m.base, bnb.nn.Linear8bitLt) for m in wrapped)
-    hidden = torch.randn(2, 5, fp32.hidden_size)
+    hidden = torch.randn(2, 5, fp32.hidden_size, generator=torch.Generator().manual_seed(0))
     expected = fp32.step(fp32.new_session(2, 16, adapter="lora"), hidden)
     got = int8.step(int8.new_session(2, 16, adapter="lora"), hidden)
+    without_adapter = int8.step(int8.new_session(2, 16), hidden)
     assert torch.isfinite(got).all()
-    # as in test_engine's quantization test: int8 on random weights is ~0.01 off in relative terms
-    assert relative_error(got, expected) < 0.05
+    # int8 on six blocks of random weights is 0.03-0.06 off in relative terms (0.039 median over 200 random
+    # inputs); leaving the adapter out is ~0.9 off
+    assert relative_error(got, expected) < 0.1
+    assert relative_error(without_adapter, expected) > 0.5
 
 
 @pytest.fixture(scope="module")
