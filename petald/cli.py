@@ -63,6 +63,8 @@ NODE_OPTIONS_HELP = {
     "model": "model: a built-in name (smollm2-135m), a local Hugging Face directory or a hub id",
     "blocks": "serve blocks A:B (e.g. 10:20)",
     "num_blocks": "serve N blocks where the swarm is weakest, and move them when the swarm needs it",
+    "max_memory": "serve as many blocks as fit in SIZE (e.g. 2GB, 1.5GiB): each block's weights as --quant stores "
+    "them plus its share of --max-cache-tokens; with --num-blocks, at most that many",
     "balance_quality": "with --num-blocks: move when the weakest block's throughput before/after is below this "
     "(default 0.75)",
     "balance_period": "with --num-blocks: seconds between balance checks, randomized x0.5-1.5 (default 60; 0 = never)",
@@ -98,6 +100,7 @@ SERVING_ONLY = {
     "model",
     "blocks",
     "num_blocks",
+    "max_memory",
     "balance_quality",
     "balance_period",
     "quant",

@@ -27,6 +27,7 @@ class NodeConfig:
     model: str | None = None  # built-in name, local HF directory or hub id
     blocks: str | None = None  # "A:B": serve blocks [A, B)
     num_blocks: int | None = None  # or: serve this many blocks, chosen where the swarm is weakest
+    max_memory: str | None = None  # e.g. "2GB": serve as many blocks as their weights and KV cache fit in this
     balance_quality: float = 0.75  # with num_blocks: move if the weakest block's throughput before/after is below
     balance_period: float = 60.0  # with num_blocks: seconds (x 0.5-1.5) between balance checks; 0 = never move
     host: str = "127.0.0.1"  # address to listen on
@@ -83,8 +84,12 @@ class NodeConfig:
         """Raise ConfigError unless this config can start a serving node."""
         if not self.model:
             raise ConfigError("no model: give --model (a built-in name such as smollm2-135m, or a directory)")
-        if (self.blocks is None) == (self.num_blocks is None):
-            raise ConfigError("give exactly one of --blocks A:B and --num-blocks N")
+        if self.blocks is not None and self.num_blocks is not None:
+            raise ConfigError("give either --blocks A:B or --num-blocks N, not both")
+        if self.blocks is None and self.num_blocks is None and self.max_memory is None:
+            raise ConfigError("give --blocks A:B, --num-blocks N or --max-memory SIZE (e.g. 2GB)")
+        if self.max_memory is not None:
+            parse_memory(self.max_memory)
         bounds = self.span_bounds()
         if bounds is not None and not 0 <= bounds[0] < bounds[1]:
             raise ConfigError(f"blocks {self.blocks} is empty or negative: give A:B with 0 <= A < B, e.g. 10:20")
@@ -120,6 +125,23 @@ class NodeConfig:
             raise ConfigError(f"metrics_port must be a TCP port (0 = any free one), got {self.metrics_port}")
         if self.expiry <= self.heartbeat:
             raise ConfigError(f"expiry ({self.expiry} s) must be longer than heartbeat ({self.heartbeat} s)")
+
+
+MEMORY_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+MEMORY_UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+MEMORY_SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*")
+
+
+def parse_memory(text: str) -> int:
+    """Bytes from a size such as 2GB, 1.5 GiB, 800MiB or 1000000 (decimal and binary units); ConfigError if not one."""
+    match = MEMORY_SIZE.fullmatch(text)
+    unit = match and match.group(2).lower()
+    if match is None or unit not in MEMORY_UNITS:
+        raise ConfigError(f"max_memory must be a size such as 2GB, 1.5GiB or 800MB, got {text!r}")
+    size = float(match.group(1)) * MEMORY_UNITS[unit]
+    if not 1 <= size < 2**63:
+        raise ConfigError(f"max_memory must be at least 1 byte and below 8 EiB, got {text!r}")
+    return int(size)
 
 
 def load_config(config_file: Path | None, flags: dict[str, Any], environ: dict[str, str] | None = None) -> NodeConfig:

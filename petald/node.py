@@ -19,7 +19,7 @@ import trio
 from multiaddr import Multiaddr
 
 import petald
-from petald.config import ConfigError, NodeConfig
+from petald.config import ConfigError, NodeConfig, parse_memory
 from petald.metrics import NodeMetrics, serving_metrics
 from petald.models.loading import check_span, load_config, num_blocks, release_free_memory
 from petald.p2p.bandwidth import BANDWIDTH_PROTOCOL, handle_bandwidth_probe, measure_bandwidth
@@ -40,7 +40,7 @@ from petald.serving.handlers import (
     ServingOptions,
     SpanServer,
 )
-from petald.serving.span import Span, block_weight_bytes, weight_bytes
+from petald.serving.span import Span, block_weight_bytes, blocks_within_memory, kv_bytes_per_token, weight_bytes
 from petald.serving.throughput import (
     announced_throughput,
     cached_throughput,
@@ -81,6 +81,7 @@ async def run_server(config: NodeConfig) -> None:
     from petald.models.checkpoints import swarm_model_name
 
     model_dir, total_blocks = check_model(config)
+    config = fit_to_memory(config, load_config(model_dir), total_blocks)
     model_name = swarm_model_name(config.model)
     key_pair = load_or_create_identity(config.identity)
     if config.torch_threads is not None:
@@ -120,6 +121,7 @@ async def _serve(
                 addrs=addrs,
                 cache_tokens_left=config.max_cache_tokens,
                 quant=config.quant,
+                weight_bytes=(end - start) * block_weight_bytes(load_config(model_dir), config.quant),
                 version=petald.__version__,
                 adapters=list(config.adapter_paths()),
                 public_name=config.public_name,
@@ -133,7 +135,9 @@ async def _serve(
             server.throughput = config.throughput or await _measure_throughput(host, config, key, span)
             async with trio.open_nursery() as nursery:
                 server.attach(metrics.metered_host(host), nursery)
-                await announcer.publish(state=ServerState.ONLINE, throughput=server.throughput)
+                await announcer.publish(
+                    state=ServerState.ONLINE, throughput=server.throughput, weight_bytes=weight_bytes(span.module)
+                )
                 log.info("serving blocks %d:%d of %s at %.1f blocks*steps/s", start, end, model_name, server.throughput)
                 nursery.start_soon(_heartbeat, announcer, server, config.heartbeat, host)
                 nursery.start_soon(_follow_relays, host, announcer, relaying)
@@ -297,6 +301,30 @@ def check_model(config: NodeConfig) -> tuple[Path, int]:
     return model_dir, total
 
 
+def fit_to_memory(config: NodeConfig, model_config, total_blocks: int) -> NodeConfig:
+    """With --max-memory: `config` serving as many blocks as fit (at most --num-blocks), each taking its weights as
+    --quant stores them and its share of the --max-cache-tokens cache; with --blocks, ConfigError unless they fit."""
+    if config.max_memory is None:
+        return config
+    block = block_weight_bytes(model_config, config.quant)
+    cache = config.max_cache_tokens * kv_bytes_per_token(model_config)
+    fit = blocks_within_memory(block, cache, parse_memory(config.max_memory))
+    costs = (
+        f"a block takes {block / 2**20:.1f} MB of weights ({config.quant}) and {cache / 2**20:.1f} MB of KV cache "
+        f"(max_cache_tokens {config.max_cache_tokens})"
+    )
+    if fit == 0:
+        raise ConfigError(f"max_memory {config.max_memory} holds no block: {costs}")
+    bounds = config.span_bounds()
+    if bounds is not None:
+        if bounds[1] - bounds[0] > fit:
+            raise ConfigError(f"blocks {config.blocks} do not fit in max_memory {config.max_memory}: {costs}")
+        return config
+    count = min(total_blocks, fit, config.num_blocks or total_blocks)
+    log.info("max_memory %s: serving %d blocks (%s)", config.max_memory, count, costs)
+    return dataclasses.replace(config, num_blocks=count)
+
+
 class _Announcer:
     """Publishes this server's entry, which it keeps as what the swarm should see of the server; never lets a
     DHT failure stop the node."""
@@ -451,7 +479,13 @@ async def _move(
         server.swap_span(span)
     server.resume()
     start, end = server.span.start, server.span.end
-    await announcer.publish(state=ServerState.ONLINE, start=start, end=end, cache_tokens_left=server.budget.tokens_left)
+    await announcer.publish(
+        state=ServerState.ONLINE,
+        start=start,
+        end=end,
+        cache_tokens_left=server.budget.tokens_left,
+        weight_bytes=weight_bytes(server.span.module),
+    )
     # the span's size is unchanged, so is its throughput
     log.info("serving blocks %d:%d of %s at %.1f blocks*steps/s", start, end, announcer.model, server.throughput)
 

@@ -75,7 +75,8 @@ def print_status(initial_peers: list[str], model: str | None, as_json: bool) -> 
             print(
                 f"  [{block_bar(e.start, e.end, total, e.state)}]  {peer_id}  {e.public_name or '-':<12} "
                 f"blocks {e.start:>3}:{e.end:<3} {e.state:<8} {e.throughput:8.1f} blocks*steps/s  "
-                f"cache {e.cache_tokens_left:>7} tokens free  {e.quant:<4}  {reachability_text(e):<8} "
+                f"cache {e.cache_tokens_left:>7} tokens free  {e.quant:<4} {e.weight_bytes / 2**20:6.0f} MB  "
+                f"{reachability_text(e):<8} "
                 f"expires in {e.expires_at - now:4.0f} s"
             )
         print(f"  [{coverage_bar(info['blocks'], info['unread'])}]  ONLINE servers per block (! none, ? unknown)")

@@ -147,8 +147,9 @@ def test_a_complete_serving_config_passes():
     ("changes", "named"),
     [
         ({"model": None}, "no model: give --model"),
-        ({"blocks": "0:4"}, "exactly one of --blocks A:B and --num-blocks N"),
-        ({"num_blocks": None}, "exactly one of --blocks A:B and --num-blocks N"),
+        ({"blocks": "0:4"}, "either --blocks A:B or --num-blocks N, not both"),
+        ({"num_blocks": None}, "give --blocks A:B, --num-blocks N or --max-memory SIZE"),
+        ({"num_blocks": None, "max_memory": "2 parsecs"}, "max_memory must be a size such as 2GB"),
         ({"initial_peers": ["/ip4/1.2.3.4/tcp/1"]}, "--new-swarm .* takes no --initial-peers"),
         ({"new_swarm": False}, "give --initial-peers MULTIADDR ... to join a swarm, or --new-swarm"),
         ({"quant": "fp4"}, "quant must be one of none, int8, nf4, got 'fp4'"),

@@ -12,6 +12,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from petald.local_swarm import local_swarm
+from petald.models.loading import load_config
+from petald.serving.span import block_weight_bytes
 
 pytestmark = pytest.mark.real_model
 PROMPT = "The three most important inventions of the twentieth century are"
@@ -91,16 +93,21 @@ def test_joining_and_leaving_servers_are_seen_and_routed_around(smollm2, env, tm
             node.wait_serving()
         assert len(status(first.addr, env)["servers"]) == 3
 
-        fourth = swarm.start(
-            "start", "--model", "smollm2-135m", "--blocks", "10:20", "--port", "0", "--initial-peers", first.addr, *FAST
-        )
+        # the fourth in int8, its blocks checked against a memory limit: it announces what its weights take
+        int8 = ("--quant", "int8", "--max-memory", "400MB")
+        joining = ("--port", "0", "--initial-peers", first.addr)
+        fourth = swarm.start("start", "--model", "smollm2-135m", "--blocks", "10:20", *joining, *FAST, *int8)
         fourth.wait_serving()
         fourth_id = fourth.peer_id
         # visible as ONLINE within one heartbeat: a concurrent re-announce by another server may carry
         # its JOINING entry for a moment, and its own next heartbeat repairs that
         deadline = time.monotonic() + 2 * 2 + 30  # two heartbeats, plus the status command's own start-up
-        while status(first.addr, env)["servers"].get(fourth_id, {}).get("state") != "ONLINE":
+        while (servers := status(first.addr, env)["servers"]).get(fourth_id, {}).get("state") != "ONLINE":
             assert time.monotonic() < deadline, "the fourth server never showed up ONLINE"
+        config = load_config(smollm2)
+        for peer, quant in ((fourth_id, "int8"), (middle.peer_id, "none")):
+            announced, computed = servers[peer]["weight_bytes"], 10 * block_weight_bytes(config, quant)
+            assert computed <= announced <= computed + 2**20, (quant, announced, computed)  # + the rotary tables
 
         middle_id = middle.peer_id
         assert middle.stop() == 0, middle.output()

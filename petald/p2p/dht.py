@@ -125,6 +125,7 @@ MAX_KEY_BYTES_LEN = 128
 MAX_SIGNATURE_LEN = 128
 MAX_THROUGHPUT = 1e9
 MAX_CACHE_TOKENS = 1 << 40
+MAX_WEIGHT_BYTES = 1 << 50
 
 # A model name: Hugging Face style (``org/name``), no leading underscore (``_models`` is ours).
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
@@ -170,6 +171,7 @@ class ServerEntry:
     reachability: str = "unknown"
     # behind NAT: the peers it first reached through a relay and now reaches directly (hole punched)
     direct_peers: list[str] = field(default_factory=list)
+    weight_bytes: int = 0  # the memory its blocks' weights take, as quantized (0: not known yet)
     updated_at: float = 0.0
     expires_at: float = 0.0
     public_key: bytes = b""
@@ -216,6 +218,7 @@ class ServerEntry:
             public_name=check_public_name(_str(d, "public_name", MAX_PUBLIC_NAME_LEN)),
             reachability=reachability,
             direct_peers=_peer_ids(d, "direct_peers", MAX_DIRECT_PEERS),
+            weight_bytes=_int(d, "weight_bytes", 0, MAX_WEIGHT_BYTES),
             updated_at=_float(d, "updated_at", 0.0, math.inf),
             expires_at=_float(d, "expires_at", 0.0, math.inf),
             public_key=_bytes(d, "public_key", MAX_KEY_BYTES_LEN),

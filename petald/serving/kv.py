@@ -59,6 +59,10 @@ class SessionCache:
         buffer_values[:, :, self.length : end] = values
         return buffer_keys[:, :, :end], buffer_values[:, :, :end]
 
+    def nbytes(self) -> int:
+        """The bytes its buffers hold (allocated capacity, not only the cached tokens)."""
+        return sum(b.nbytes for b in (*self._keys, *self._values) if b is not None)
+
     def advance(self, tokens: int) -> None:
         self.length += tokens
 

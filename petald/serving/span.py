@@ -408,6 +408,22 @@ def block_weight_bytes(config: PretrainedConfig, quant: str) -> int:
     return max(sizes)
 
 
+def kv_bytes_per_token(config: PretrainedConfig) -> int:
+    """What one cached token costs in one block: its key and value, fp32, for every key/value head."""
+    heads = config.num_attention_heads
+    if config.model_type == "falcon":  # the new decoder architecture caches keys repeated to every head
+        kv_heads = heads if config.new_decoder_architecture else 1 if config.multi_query else config.num_kv_heads
+    else:
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return 2 * 4 * kv_heads * head_dim
+
+
+def blocks_within_memory(block_bytes: int, cache_bytes_per_block: int, max_memory: int) -> int:
+    """How many blocks fit in `max_memory` bytes when each takes its weights and its share of the KV cache."""
+    return max_memory // (block_bytes + cache_bytes_per_block)
+
+
 def weight_bytes(module: nn.Module) -> int:
     """The bytes that `module`'s weights hold, measured: every parameter and buffer, and the scales and code
     tables that bitsandbytes keeps beside quantized weights; storages shared by several tensors count once."""
@@ -420,13 +436,17 @@ def weight_bytes(module: nn.Module) -> int:
 
     for tensor in [*module.parameters(), *module.buffers()]:
         add(tensor)
-        add(getattr(tensor, "SCB", None))  # int8: a scale a row
+        add(getattr(tensor, "SCB", None))  # int8: a scale a row, on the weight until the layer's first pass
         state = getattr(tensor, "quant_state", None)  # nf4: absmax, code, and their nested statistics
         while state is not None:
             add(state.absmax)
             add(state.code)
             add(getattr(state, "offset", None))
             state = getattr(state, "state2", None)
+    for layer in module.modules():
+        state = getattr(layer, "state", None)  # int8, after its first pass: the layer's matmul state holds the scales
+        add(getattr(state, "SCB", None))
+        add(getattr(state, "CB", None))
     return sum(tensors.values())
 
 
