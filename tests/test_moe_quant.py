@@ -5,6 +5,7 @@ parameters, not Linear layers): what a quantized MoE block costs (computed and m
 from __future__ import annotations
 
 import copy
+import logging
 
 import bitsandbytes as bnb
 import pytest
@@ -13,7 +14,15 @@ from torch import nn
 
 from petald.models.loading import load_config
 from petald.models.registry import family_for
-from petald.serving.span import QuantizedExperts, Span, block_bytes, block_weight_bytes, weight_bytes
+from petald.serving.span import (
+    QuantizedExperts,
+    Span,
+    _log_unquantized_experts,
+    block_bytes,
+    block_weight_bytes,
+    quantize_linears,
+    weight_bytes,
+)
 
 MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe"]
 QUANTS = ["int8", "nf4"]
@@ -106,3 +115,15 @@ def test_a_quantized_moe_span_stays_close_to_fp32(tiny_family, family):
         error = ((got - fp32).norm() / fp32.norm()).item()
         print(f"{family} {quant}: blocks {blocks[0]}:{blocks[1]} vs fp32, relative error {error:.4f}")
         assert error < bound, (quant, error)
+
+
+def test_experts_of_another_layout_stay_in_full_precision_and_are_logged(tiny_family, caplog):
+    span = Span.load(tiny_family("qwen3_moe"), SPARSE_BLOCK, SPARSE_BLOCK + 1)
+    experts = span.module.layers[0].mlp.experts
+    experts.is_transposed = True  # [E, H, 2I] weights: not the layout QuantizedExperts reads
+    _log_unquantized_experts.cache_clear()  # logged once per class and process: not before this test
+    with caplog.at_level(logging.WARNING, logger="petald.serving.span"):
+        quantize_linears(span.module, "int8")
+    assert span.module.layers[0].mlp.experts is experts and experts.gate_up_proj.dtype == torch.float32
+    assert "Qwen3MoeExperts holds 3-D weights in a layout Petal does not quantize" in caplog.text
+    assert not any(type(m) is nn.Linear for m in span.module.modules())  # its other layers are quantized
