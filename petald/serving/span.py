@@ -333,41 +333,112 @@ def run_jobs(jobs: Iterator[T | None]) -> T:
 
 
 def quantize_linears(module: nn.Module, quant: str) -> None:
-    """Replace every nn.Linear inside `module` by its bitsandbytes int8 or nf4 counterpart, in place; those still
-    on the meta device (blocks not loaded yet) are left as they are. The new layer holds only the quantized
-    weight: the full-precision one is dropped with the old layer."""
-    import bitsandbytes as bnb
-
+    """Replace every nn.Linear inside `module` by its bitsandbytes int8 or nf4 counterpart, and every MoE experts
+    module that `QuantizedExperts` runs by one, in place; those still on the meta device (blocks not loaded yet) are
+    left as they are. The new modules hold only the quantized weights: the full-precision ones are dropped with the
+    old modules. Experts of another layout stay in full precision (logged once per class)."""
     # bitsandbytes logs a line per call on CPU; nothing in it is actionable for a node operator
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is not nn.Linear or child.weight.is_meta:
+            own = list(child.parameters(recurse=False))
+            if any(param.is_meta for param in own):
                 continue
-            weight = child.weight.data
-            bias = child.bias
-            if quant == "int8":
-                layer = bnb.nn.Linear8bitLt(
-                    child.in_features,
-                    child.out_features,
-                    bias=bias is not None,
-                    has_fp16_weights=False,
-                    threshold=6.0,
-                )
-                layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
-            else:
-                layer = bnb.nn.LinearNF4(
-                    child.in_features, child.out_features, bias=bias is not None, compute_dtype=weight.dtype
-                )
-                layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", blocksize=NF4_BLOCKSIZE)
-            if bias is not None:
-                layer.bias = nn.Parameter(bias.data, requires_grad=False)
-            # bitsandbytes picks its CPU kernels by the layer's mode; in training mode (a new module's), int8 layers
-            # dequantize the weight and multiply in fp32 and nf4 layers dequantize it for each pass (no repacking for
-            # AVX512-BF16): Petal has always run them so, and its measured accuracy (README, Quantization) is theirs.
-            # Nothing else of a layer depends on its mode, and no gradient flows into these frozen weights.
-            layer.train()
-            setattr(parent, name, layer.to(weight.device))
+            if type(child) is nn.Linear:
+                setattr(parent, name, quantized_layer(child.weight.data, child.bias, quant))
+            elif is_fused_experts(child):
+                setattr(parent, name, QuantizedExperts(child, quant))
+            elif any(param.dim() == 3 for param in own):
+                _log_unquantized_experts(type(child).__name__)
+
+
+def quantized_layer(weight: torch.Tensor, bias: torch.Tensor | None, quant: str) -> nn.Module:
+    """A bitsandbytes int8 or nf4 layer computing `x @ weight.T + bias` (weight [out, in], full precision), on the
+    weight's device; it holds only the quantized weight (and the bias)."""
+    import bitsandbytes as bnb
+
+    out_features, in_features = weight.shape
+    weight = weight.detach()
+    if quant == "int8":
+        layer = bnb.nn.Linear8bitLt(
+            in_features, out_features, bias=bias is not None, has_fp16_weights=False, threshold=6.0
+        )
+        layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+    elif quant == "nf4":
+        layer = bnb.nn.LinearNF4(in_features, out_features, bias=bias is not None, compute_dtype=weight.dtype)
+        layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", blocksize=NF4_BLOCKSIZE)
+    else:
+        raise PetalError(f"cannot quantize to {quant!r}: use int8 or nf4")
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.data, requires_grad=False)
+    # bitsandbytes picks its CPU kernels by the layer's mode; in training mode (a new module's), int8 layers
+    # dequantize the weight and multiply in fp32 and nf4 layers dequantize it for each pass (no repacking for
+    # AVX512-BF16): Petal has always run them so, and its measured accuracy (README, Quantization) is theirs.
+    # Nothing else of a layer depends on its mode, and no gradient flows into these frozen weights.
+    layer.train()
+    return layer.to(weight.device)
+
+
+def is_fused_experts(module: nn.Module) -> bool:
+    """Whether `module` is a transformers MoE experts module that `QuantizedExperts` runs: E experts held as 3-D
+    parameters `gate_up_proj` [E, 2I, H] (gate rows, then up rows) and `down_proj` [E, H, I], no biases, no norm
+    after the experts, the default gating act(gate) * up (Mixtral, Qwen2-MoE, Qwen3-MoE in transformers 5)."""
+    from transformers.integrations.moe import _default_apply_gate
+
+    gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    if not (isinstance(gate_up, nn.Parameter) and isinstance(down, nn.Parameter)):
+        return False
+    if gate_up.dim() != 3 or down.dim() != 3:
+        return False
+    experts, hidden, intermediate = down.shape
+    layout = (
+        getattr(module, "has_gate", False),
+        getattr(module, "is_concatenated", False),
+        getattr(module, "is_transposed", True),
+        getattr(module, "has_bias", True),
+        getattr(module, "has_post_expert_norm", True),
+    )
+    return (
+        layout == (True, True, False, False, False)
+        and tuple(gate_up.shape) == (experts, 2 * intermediate, hidden)
+        and getattr(type(module), "_apply_gate", None) is _default_apply_gate
+        and callable(getattr(module, "act_fn", None))
+    )
+
+
+@functools.cache
+def _log_unquantized_experts(class_name: str) -> None:
+    logging.getLogger(__name__).warning(
+        "%s holds 3-D weights in a layout Petal does not quantize: they stay in full precision", class_name
+    )
+
+
+class QuantizedExperts(nn.Module):
+    """The experts of one MoE block with each expert's gate/up and down projections as bitsandbytes int8 or nf4
+    layers: computes what the transformers experts module it replaces computes, called as it is called."""
+
+    def __init__(self, experts: nn.Module, quant: str):
+        """Quantize every expert of `experts` (an `is_fused_experts` module); its 3-D weights are not kept."""
+        super().__init__()
+        self.num_experts = experts.gate_up_proj.shape[0]
+        self.gate_up = nn.ModuleList(quantized_layer(weight, None, quant) for weight in experts.gate_up_proj.data)
+        self.down = nn.ModuleList(quantized_layer(weight, None, quant) for weight in experts.down_proj.data)
+        self.act_fn = experts.act_fn
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """`hidden_states` [tokens, H] through the experts each token selected (`top_k_index` [tokens, k]), their
+        outputs weighted by `top_k_weights` [tokens, k] and summed: [tokens, H]."""
+        output = torch.zeros_like(hidden_states)
+        for expert in top_k_index.unique().tolist():
+            if expert >= self.num_experts:  # a slot routed to no local expert
+                continue
+            tokens, slots = torch.nonzero(top_k_index == expert, as_tuple=True)
+            gate, up = self.gate_up[expert](hidden_states[tokens]).chunk(2, dim=-1)
+            expert_output = self.down[expert](self.act_fn(gate) * up) * top_k_weights[tokens, slots, None]
+            output.index_add_(0, tokens, expert_output.to(output.dtype))
+        return output
 
 
 def quantized_linear_bytes(out_features: int, in_features: int, quant: str) -> int:
@@ -387,25 +458,37 @@ def quantized_linear_bytes(out_features: int, in_features: int, quant: str) -> i
 
 def block_weight_bytes(config: PretrainedConfig, quant: str) -> int:
     """What one block of `config`'s model costs in memory once loaded with `quant`, computed from its parameters'
-    shapes (a block built on the meta device: nothing is read or allocated): every Linear as `quant` stores it, the
-    rest (norms, biases) in fp32. With several kinds of blocks, the largest."""
+    shapes (a block built on the meta device: nothing is read or allocated): see `block_bytes`. With several kinds
+    of blocks, the largest."""
     from petald.models.loading import num_blocks
     from petald.models.registry import family_for
 
     family = family_for(config)
     with torch.device("meta"):
         span = family.span_class(config, 0, num_blocks(config))
-    sizes = []
-    for block in _blocks(span):
-        size = 0
-        for module in block.modules():
-            for name, param in module.named_parameters(recurse=False):
-                if type(module) is nn.Linear and name == "weight":
-                    size += quantized_linear_bytes(module.out_features, module.in_features, quant)
-                else:
-                    size += 4 * param.numel()
-        sizes.append(size)
-    return max(sizes)
+    return max(block_bytes(block, quant) for block in _blocks(span))
+
+
+def block_bytes(block: nn.Module, quant: str) -> int:
+    """What `block` (full precision, on any device, meta included) costs once `quantize_linears` has quantized it:
+    every Linear and every expert's two projections (`is_fused_experts`) as `quant` stores them, the rest (norms,
+    biases, MoE routers) in fp32; buffers aside."""
+    size = 0
+    for module in block.modules():
+        quantized = set()
+        if type(module) is nn.Linear:
+            size += quantized_linear_bytes(module.out_features, module.in_features, quant)
+            quantized = {"weight"}
+        elif is_fused_experts(module):
+            experts, hidden, intermediate = module.down_proj.shape
+            per_expert = quantized_linear_bytes(2 * intermediate, hidden, quant)
+            per_expert += quantized_linear_bytes(hidden, intermediate, quant)
+            size += experts * per_expert
+            quantized = {"gate_up_proj", "down_proj"}
+        for name, param in module.named_parameters(recurse=False):
+            if name not in quantized:
+                size += 4 * param.numel()
+    return size
 
 
 def kv_bytes_per_token(config: PretrainedConfig) -> int:
