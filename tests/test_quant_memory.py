@@ -71,6 +71,7 @@ MEASURE = """
 import json, sys, torch
 from pathlib import Path
 import bitsandbytes  # imported by both, so that the difference is the span's
+from petald.models.loading import release_free_memory
 from petald.serving.span import Span
 
 def status():
@@ -87,6 +88,8 @@ span = Span.load(Path(sys.argv[1]), 0, 8, sys.argv[2])
 session = span.new_session(1, 16)
 span.step(session, torch.randn(1, 8, span.hidden_size))
 span.step(session, torch.randn(1, 1, span.hidden_size))
+del session
+release_free_memory()  # as a server does once no session is open (SpanServer._release_memory_if_idle)
 print(json.dumps({"before": before, "after": status()}))
 """
 
@@ -128,8 +131,9 @@ def resident(model_dir: Path, quant: str) -> dict:
 def test_nf4_span_is_resident_in_far_less_memory_than_fp32(wide_llama: Path) -> None:
     fp32, nf4 = resident(wide_llama, "none"), resident(wide_llama, "nf4")
     grown = {name: m["after"]["VmRSS"] - m["before"]["VmRSS"] for name, m in (("fp32", fp32), ("nf4", nf4))}
-    # fp32: the 135 MB of weights, paged in from the file; nf4: their 18 MB, plus what malloc keeps of a step's
-    # dequantized weights; before the load was made block by block, nf4 kept the file's pages as well (≥ 135 MB)
+    # fp32: the 135 MB of weights, paged in from the file; nf4: their 18 MB (malloc's kept temporaries of the steps
+    # handed back, as an idle server does); before the load was made block by block, nf4 kept the file's pages as
+    # well (≥ 135 MB)
     assert grown["fp32"] > 120 * 2**20, grown
     assert grown["nf4"] < 0.5 * grown["fp32"], grown
     assert nf4["after"]["RssFile"] - nf4["before"]["RssFile"] < 20 * 2**20, nf4  # no file pages kept

@@ -18,6 +18,7 @@ import petald
 from petald.config import NodeConfig
 from petald.errors import AdapterError
 from petald.metrics import NodeMetrics, count_error
+from petald.models.loading import release_free_memory
 from petald.p2p.dht import ServerState
 from petald.p2p.relay import relayed_beside_direct
 from petald.p2p.wire import (
@@ -199,6 +200,7 @@ class SpanServer:
         self._state = ServerState.ONLINE
         self.throughput = 0.0
         self.sessions_done = trio.Event()
+        self.stateless_running = 0  # forward/backward requests being read, queued or run
         self.live: dict[tuple[str, int], LiveSession] = {}
         self.push_links: dict[str, PushLink] = {}  # next server's peer id -> the link every session pushes through
         self.host = None  # the libp2p host it serves on (attach), through which it also pushes
@@ -326,6 +328,7 @@ class SpanServer:
                     del self.live[session.key]
                 self.budget.release(session.budget_id)
                 if self.budget.sessions == 0:
+                    self._release_memory_if_idle()
                     self.sessions_done.set()
                     self.sessions_done = trio.Event()
             await _close(stream)
@@ -446,6 +449,7 @@ class SpanServer:
         await self._handle_stateless(stream, BackwardRequest)
 
     async def _handle_stateless(self, stream, kind: type[ForwardRequest]) -> None:
+        self.stateless_running += 1
         try:
             with trio.fail_after(self.options.step_timeout):
                 request = await read_message(stream, self.limits, expect=(kind,))
@@ -464,7 +468,16 @@ class SpanServer:
         except Exception as e:  # a peer's failure (EOF, reset) or bad data ends only its own request
             log.debug("%s request ended: %r", kind.TYPE, e)
         finally:
+            self.stateless_running -= 1
+            self._release_memory_if_idle()
             await _close(stream)
+
+    def _release_memory_if_idle(self) -> None:
+        """Once no session is open and no request runs: hand back what malloc kept of the passes' freed temporaries
+        (a quantized layer dequantizes its weight for every pass; glibc keeps such blocks in its per-thread arenas,
+        tens of MB after a generation). Not after every pass: that would cost every step its time."""
+        if self.budget.sessions == 0 and self.stateless_running == 0:
+            release_free_memory()
 
     def _check_stateless(self, request: ForwardRequest, span: Span) -> slice:
         """The span's local layers for the request's blocks, after checking everything the wire cannot."""
