@@ -39,6 +39,7 @@ from petald.p2p.wire import (
     OpenSession,
     ProtocolError,
     Push,
+    Pushes,
     ServerInfo,
     SessionOpened,
     Step,
@@ -69,6 +70,7 @@ def valid_messages(push_to: list[NextHop]) -> list[Message]:
         SessionOpened("fuzz", 100),
         Step(1, hidden, mask, push_to, prompts=tensor(BLOCKS, 1, 2, HIDDEN) * 0.1),
         Push(1, hidden, mask, push_to, session_id="fuzz", start=2),
+        Pushes([Push(1, hidden, mask, push_to, session_id="fuzz", start=2), Push(2, hidden, None, [], session_id="z")]),
         StepResult(1, hidden, True),
         CloseSession(),
         ForwardRequest(MODEL, 1, 3, hidden, mask, prompts),
@@ -212,7 +214,8 @@ def test_error_frames_are_admitted_only_where_a_server_reply_is_expected() -> No
         (BandwidthAck,),
     ):
         assert isinstance(decode_outcome(error, expect), ErrorReply), expect
-    requests = [(OpenSession,), (Step, CloseSession), (InfoRequest,), (Push,), (ForwardRequest,), (BackwardRequest,)]
+    requests = [(OpenSession,), (Step, CloseSession), (InfoRequest,), (Push, Pushes), (ForwardRequest,)]
+    requests.append((BackwardRequest,))
     for expect in [*requests, (BandwidthProbe,), (StepResult, Step)]:
         outcome = decode_outcome(error, expect)
         assert isinstance(outcome, ProtocolError) and outcome.code == "unexpected", expect
@@ -304,7 +307,7 @@ GOOD_STEPS = 30  # the good session's steps: 8 tokens, then one at a time
 EXPECTS = {
     INFERENCE_PROTOCOL: (OpenSession,),
     INFO_PROTOCOL: (InfoRequest,),
-    PUSH_PROTOCOL: (Push,),
+    PUSH_PROTOCOL: (Push, Pushes),
     FORWARD_PROTOCOL: (ForwardRequest,),
     BACKWARD_PROTOCOL: (BackwardRequest,),
 }

@@ -19,17 +19,21 @@ from petald.local_swarm import NodeProcess, local_swarm
 from petald.p2p.host import connect, full_addrs, open_host
 from petald.p2p.wire import (
     INFERENCE_PROTOCOL,
+    INFO_PROTOCOL,
+    MAX_PUSHES,
     BackwardRequest,
     BackwardResult,
     ForwardRequest,
     ForwardResult,
+    InfoRequest,
     NextHop,
     OpenSession,
+    ServerInfo,
     SessionOpened,
     Step,
     StepResult,
 )
-from petald.serving.handlers import MAX_BACKWARD_TOKENS, ServingOptions, SpanServer
+from petald.serving.handlers import MAX_BACKWARD_TOKENS, ServingOptions, SpanServer, pushes_in_frame
 from petald.serving.span import Span
 from tests.test_adapters import LLAMA_TARGETS, base_model, make_adapter
 from tests.test_protocol_abuse import expect_closed, expect_error, hidden_states, open_session, receive, send, step
@@ -254,6 +258,22 @@ def test_concurrent_pushes_share_one_stream_and_every_step_arrives_whole(tiny_ll
                         for route in decode:
                             nursery.start_soon(run, route, [4] + [1] * 20)
 
+                # steps that shared a pass on A share one on B: A pushes a pass's outputs to B in one frame, and B
+                # hands them to their sessions at once (one frame per push, B would start on the first alone)
+                lockstep = [PushedRoute(f"lockstep{i}", host, a, b, reference, 1, 32) for i in range(6)]
+                for route in lockstep:
+                    await route.open()
+                before = [await server_info(host, node) for node in (a, b)]
+                with trio.fail_after(60):
+                    for seed in range(8):  # every round: all six sessions step at once
+                        async with trio.open_nursery() as nursery:
+                            for route in lockstep:
+                                nursery.start_soon(route.step, hidden_states(4 if seed == 0 else 1, seed=seed))
+                after = [await server_info(host, node) for node in (a, b)]
+                passes_a, passes_b = (after[i].passes - before[i].passes for i in (0, 1))
+                assert after[0].batched_passes > before[0].batched_passes, (before, after)  # A did batch them
+                assert passes_b <= passes_a, (passes_a, passes_b)
+
                 # B restarts: A notices its push stream ended, and opens a fresh one for the next push
                 b.kill()
                 await wait_until(lambda: "push stream closed by the receiver" in a.output(), timeout=10)
@@ -271,6 +291,24 @@ def test_concurrent_pushes_share_one_stream_and_every_step_arrives_whole(tiny_ll
         assert "push to" not in a.output()  # no push failed, so none fell back to the client
         assert a.output().count("push stream to") == 2  # one stream to B, one to B restarted: none leaked
         assert b.output().count("push stream accepted") == 1
+
+
+def test_a_push_frame_takes_the_oldest_waiting_pushes_within_its_count_and_bytes():
+    assert pushes_in_frame([]) == 0
+    assert pushes_in_frame([10, 10, 10], max_pushes=2, max_bytes=100) == 2
+    assert pushes_in_frame([60, 30, 20], max_pushes=8, max_bytes=100) == 2
+    assert pushes_in_frame([500, 1], max_pushes=8, max_bytes=100) == 1  # the oldest goes, whatever its size
+    assert pushes_in_frame([1] * 100) == MAX_PUSHES
+
+
+async def server_info(host, node: NodeProcess) -> ServerInfo:
+    with trio.fail_after(10):
+        stream = await host.new_stream(ID.from_base58(node.peer_id), [INFO_PROTOCOL])
+    await send(stream, InfoRequest())
+    info = await receive(stream)
+    await stream.close()
+    assert isinstance(info, ServerInfo), info
+    return info
 
 
 def test_a_push_to_an_unreachable_server_falls_back_and_leaves_no_link(tiny_llama):

@@ -312,6 +312,7 @@ class Step(Message):
 
 
 MAX_PUSH_HOPS = 64
+MAX_PUSHES = 64  # pushes in one Pushes frame
 
 
 @dataclass
@@ -356,6 +357,29 @@ class Push(Step):
             session_id=_str(msg, "session_id", 64),
             start=_int(msg, "start", 0, 1 << 20),
         )
+
+
+@dataclass
+class Pushes(Message):
+    """Server -> server: the pushes that one forward pass sends to the same next server, in one frame. The
+    receiver hands them all to their sessions before any of them runs, so steps that shared a pass here can share
+    one there as well (pushed one frame at a time, the first would start a pass of its own)."""
+
+    TYPE: ClassVar[str] = "pushes"
+    SENT_BY: ClassVar[Sender] = Sender.REQUESTER
+    pushes: list[Push]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"type": self.TYPE, "pushes": [push.to_wire() for push in self.pushes]}
+
+    @classmethod
+    def from_wire(cls, msg, limits):
+        items = msg.get("pushes")
+        if not isinstance(items, list) or not 1 <= len(items) <= MAX_PUSHES:
+            raise ProtocolError(f"pushes must be a list of 1 to {MAX_PUSHES} pushes")
+        if not all(isinstance(item, dict) for item in items):
+            raise ProtocolError("each of pushes must be a map")
+        return cls([Push.from_wire(item, limits) for item in items])
 
 
 @dataclass

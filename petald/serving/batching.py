@@ -76,6 +76,9 @@ class QueuedStep:
     done: trio.Event = field(default_factory=trio.Event)
     output: torch.Tensor | None = None
     error: BaseException | None = None
+    # its wait for the lane, cancelled by the pass that ran it: every session of a pass goes on at once (waiting for
+    # the lane in turn, they would leave one per hand-off, and push to the next server one by one)
+    wait: trio.CancelScope = field(default_factory=trio.CancelScope)
 
 
 @dataclass
@@ -145,13 +148,14 @@ class StepQueue:
         self._last_steps[id(step.session)] = (time.monotonic(), queued.shape.rows)
         self._queue.append(queued)
         try:
-            async with self.compute:
-                while not queued.taken:
-                    await self._run_next_pass()
+            with queued.wait:
+                async with self.compute:
+                    while not queued.taken:
+                        await self._run_next_pass()
         finally:
             if not queued.taken:
                 self._queue.remove(queued)
-        await queued.done.wait()  # set before the lane is released: only a pass cut short by a crash leaves it unset
+        await queued.done.wait()  # set when its pass ends: only a pass cut short by a crash leaves it unset
         if queued.error is not None:
             raise queued.error
         return queued.output
@@ -171,6 +175,7 @@ class StepQueue:
                 self.lane.record(time.monotonic() - started)
                 for queued in batch:
                     queued.done.set()
+                    queued.wait.cancel()
 
     def _run_pass(self, batch: list[QueuedStep]) -> None:
         """In a worker thread: one forward pass over the batch; if it fails, each step again alone, so a failure

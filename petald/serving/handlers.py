@@ -16,7 +16,7 @@ import trio
 
 import petald
 from petald.config import NodeConfig
-from petald.errors import AdapterError
+from petald.errors import AdapterError, PetalError
 from petald.metrics import NodeMetrics, count_error
 from petald.models.loading import release_free_memory
 from petald.p2p.dht import ServerState
@@ -26,6 +26,7 @@ from petald.p2p.wire import (
     FORWARD_PROTOCOL,
     INFERENCE_PROTOCOL,
     INFO_PROTOCOL,
+    MAX_PUSHES,
     PUSH_PROTOCOL,
     BackwardRequest,
     BackwardResult,
@@ -39,6 +40,7 @@ from petald.p2p.wire import (
     OpenSession,
     ProtocolError,
     Push,
+    Pushes,
     ServerInfo,
     SessionOpened,
     Step,
@@ -127,12 +129,43 @@ class LiveSession:
         self.scope.cancel()
 
 
+PUSH_FRAME_BYTES = MAX_TENSOR_BYTES // 2  # what one Pushes frame may carry, estimated (below a receiver's limit)
+
+
+def push_bytes(push: Push) -> int:
+    """About what `push` takes in a frame: its tensors, and a bound on the rest (names, its remaining hops)."""
+    tensors = sum(t.numel() * t.element_size() for t in (push.hidden, push.attention_mask) if t is not None)
+    return tensors + 1024 + 1024 * len(push.push_to)
+
+
+def pushes_in_frame(sizes: list[int], max_pushes: int = MAX_PUSHES, max_bytes: int = PUSH_FRAME_BYTES) -> int:
+    """How many of the oldest waiting pushes (their `push_bytes`, oldest first) go in the next frame: as many as fit
+    in `max_pushes` and `max_bytes`, and always the oldest, whatever its size."""
+    count, total = 0, 0
+    for size in sizes:
+        if count and (count == max_pushes or total + size > max_bytes):
+            break
+        count, total = count + 1, total + size
+    return count
+
+
+@dataclass(eq=False)  # compared by identity: its message holds tensors
+class OutgoingPush:
+    """A push waiting for its link's writer: whoever writes takes every push waiting then, in one frame."""
+
+    message: Push
+    written: bool = False
+    error: BaseException | None = None
+
+
 class PushLink:
     """This server's push stream to one next server, shared by every session pushing there.
 
-    One lock covers opening and writing, so one stream is opened and each frame is written whole. A receiver never
-    writes on a push stream, so a watcher reading it sees any end at once (the receiver restarted, or dropped the
-    stream after a bad frame) and forgets the stream: the next push opens a fresh one instead of writing into a
+    One lock covers opening and writing, so one stream is opened and each frame is written whole. The sessions of one
+    pass push at the same moment: the push that gets the lock writes every push waiting by then as one Pushes frame
+    (nothing waits on a timer: the lock's holder lets the tasks woken with it queue theirs, then writes). A receiver
+    never writes on a push stream, so a watcher reading it sees any end at once (the receiver restarted, or dropped
+    the stream after a bad frame) and forgets the stream: the next push opens a fresh one instead of writing into a
     dead one."""
 
     def __init__(self, host, nursery: trio.Nursery):
@@ -140,15 +173,39 @@ class PushLink:
         self._nursery = nursery  # where the watchers of its streams run
         self._lock = trio.Lock()
         self._stream = None
+        self._waiting: list[OutgoingPush] = []  # pushes not yet taken by a writer
 
     @property
     def idle(self) -> bool:
         """No stream, and no push under way or waiting: nothing would miss the link if it were forgotten."""
-        return self._stream is None and not self._lock.locked()
+        return self._stream is None and not self._lock.locked() and not self._waiting
 
     async def send(self, hop: NextHop, message: Push) -> None:
-        """Write `message` on the open stream, opening one first if there is none; any failure closes the stream."""
-        async with self._lock:
+        """Write `message` on the open stream (with the other pushes waiting then), opening one first if there is
+        none; any failure closes the stream and fails every push of the frame."""
+        outgoing = OutgoingPush(message)
+        self._waiting.append(outgoing)
+        try:
+            async with self._lock:
+                if not outgoing.written:
+                    await trio.lowlevel.checkpoint()  # the sessions woken by the same pass queue their pushes
+                while not outgoing.written:  # frames of the oldest waiting pushes, up to this one's
+                    await self._write(hop, self._take_waiting())
+        finally:
+            if outgoing in self._waiting:  # its writer failed or was cancelled before taking it
+                self._waiting.remove(outgoing)
+        if outgoing.error is not None:
+            raise outgoing.error
+
+    def _take_waiting(self) -> list[OutgoingPush]:
+        count = pushes_in_frame([push_bytes(outgoing.message) for outgoing in self._waiting])
+        batch, self._waiting = self._waiting[:count], self._waiting[count:]
+        for outgoing in batch:
+            outgoing.written = True
+        return batch
+
+    async def _write(self, hop: NextHop, batch: list[OutgoingPush]) -> None:
+        try:
             if self._stream is not None and relayed_beside_direct(self.host, self._stream):
                 log.debug("push stream to %s moves to the direct connection (hole punched)", hop.peer_id[:16])
                 await self._drop(self._stream)  # between frames: the relayed connection closes soon
@@ -158,10 +215,14 @@ class PushLink:
                 log.debug("push stream to %s opened", hop.peer_id[:16])
             stream = self._stream
             try:
-                await write_message(stream, message)
+                await write_message(stream, Pushes([outgoing.message for outgoing in batch]))
             except BaseException:
                 await self._drop(stream)
                 raise
+        except BaseException as e:
+            for outgoing in batch:  # the writer's own error reaches it as raised; the others hear of it too
+                outgoing.error = e if isinstance(e, Exception) else PetalError(f"the push frame was not sent: {e!r}")
+            raise
 
     async def close(self) -> None:
         if self._stream is not None:
@@ -426,19 +487,25 @@ class SpanServer:
         try:
             while True:
                 with trio.fail_after(self.options.session_timeout):
-                    push = await read_message(stream, self.limits, expect=(Push,))
-                session = self.live.get((push.session_id, push.start))
-                if session is None:
-                    log.debug("push for unknown session %s/%d dropped", push.session_id, push.start)
-                    continue  # the client notices the missing result and sends the step itself
-                try:
-                    session.inbox_in.send_nowait(push)
-                except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
-                    log.debug("session %s/%d cannot take a pushed step", push.session_id, push.start)
+                    message = await read_message(stream, self.limits, expect=(Push, Pushes))
+                for push in message.pushes if isinstance(message, Pushes) else [message]:
+                    self._deliver(push)  # all of a frame's pushes before any of their sessions runs
         except Exception as e:  # a peer's failure or bad data ends only its own push stream
             log.debug("push stream ended: %r", e)
         finally:
             await _close(stream)
+
+    def _deliver(self, push: Push) -> None:
+        """Hand a pushed step to its session's inbox; a push for a session not open here is dropped (its client
+        notices the missing result and sends the step itself)."""
+        session = self.live.get((push.session_id, push.start))
+        if session is None:
+            log.debug("push for unknown session %s/%d dropped", push.session_id, push.start)
+            return
+        try:
+            session.inbox_in.send_nowait(push)
+        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            log.debug("session %s/%d cannot take a pushed step", push.session_id, push.start)
 
     async def handle_forward(self, stream) -> None:
         """One stateless forward request (training, or a forward pass without a cache): request in, result out."""
